@@ -1,0 +1,215 @@
+"""Typed model configuration: the official ``config.json`` of a VoxCPM model directory.
+
+Unknown keys are ignored (later releases add fields); impossible values are rejected with a
+message that names the key. ``load_model_config`` turns pydantic errors into ``VoxCPMError``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from voxcpm_core.errors import VoxCPMError
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class RopeScaling(_Config):
+    type: str = "longrope"
+    long_factor: list[float]
+    short_factor: list[float]
+    original_max_position_embeddings: int = Field(gt=0)
+
+
+class LMConfig(_Config):
+    """One MiniCPM4 block stack (``lm_config``); the local stacks reuse it with fields replaced."""
+
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    max_position_embeddings: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_hidden_layers: int = Field(ge=0)
+    num_key_value_heads: int = Field(gt=0)
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    vocab_size: int = Field(default=73448, ge=0)
+    use_mup: bool = True
+    scale_emb: float = 1.0
+    dim_model_base: int | None = None
+    scale_depth: float = 1.0
+    kv_channels: int | None = None
+    no_rope: bool = False
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> LMConfig:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}) unless kv_channels is set"
+            )
+        if self.rope_scaling is not None and not self.no_rope:
+            half = self.head_dim // 2
+            for name in ("long_factor", "short_factor"):
+                got = len(getattr(self.rope_scaling, name))
+                if got != half:
+                    raise ValueError(f"rope_scaling.{name} has {got} entries, expected head_dim/2 = {half}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def residual_scale(self) -> float:
+        """muP depth scaling of each residual branch (1 without muP)."""
+        if not self.use_mup or self.num_hidden_layers == 0:
+            return 1.0
+        return self.scale_depth / math.sqrt(self.num_hidden_layers)
+
+
+class CFMConfig(_Config):
+    sigma_min: float = 1e-6
+    solver: Literal["euler"] = "euler"
+    t_scheduler: Literal["log-norm", "uniform"] = "log-norm"
+    training_cfg_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+    inference_cfg_rate: float = 1.0
+    reg_loss_type: str = "l1"
+    ratio_r_neq_t_range: tuple[float, float] = (0.25, 0.75)
+    noise_cond_prob_range: tuple[float, float] = (0.0, 0.0)
+    noise_cond_scale: float = 0.0
+
+
+class LocalStackConfig(_Config):
+    """``encoder_config`` / ``dit_config``: size of a local (per-patch) transformer."""
+
+    hidden_dim: int = Field(gt=0)
+    ffn_dim: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_layers: int = Field(ge=0)
+    kv_channels: int | None = None
+
+
+class DiTConfig(LocalStackConfig):
+    cfm_config: CFMConfig = Field(default_factory=CFMConfig)
+
+
+class AudioVAEConfig(_Config):
+    encoder_dim: int = Field(default=128, gt=0)
+    encoder_rates: list[int] = Field(default_factory=lambda: [2, 5, 8, 8], min_length=1)
+    latent_dim: int = Field(default=64, gt=0)
+    decoder_dim: int = Field(default=1536, gt=0)
+    decoder_rates: list[int] = Field(default_factory=lambda: [8, 8, 5, 2], min_length=1)
+    depthwise: bool = True
+    sample_rate: int = Field(default=16000, gt=0)
+    use_noise_block: bool = False
+
+    @property
+    def hop_length(self) -> int:
+        return math.prod(self.encoder_rates)
+
+
+class VoxCPMConfig(_Config):
+    """The whole model: ``config.json`` of a VoxCPM-0.5B / VoxCPM1.5 directory."""
+
+    architecture: str = "voxcpm"
+    lm_config: LMConfig
+    patch_size: int = Field(default=2, gt=0)
+    feat_dim: int = Field(default=64, gt=0)
+    residual_lm_num_layers: int = Field(default=6, ge=0)
+    scalar_quantization_latent_dim: int = Field(default=256, gt=0)
+    scalar_quantization_scale: int = Field(default=9, gt=0)
+    encoder_config: LocalStackConfig
+    dit_config: DiTConfig
+    audio_vae_config: AudioVAEConfig = Field(default_factory=AudioVAEConfig)
+    max_length: int = Field(default=4096, gt=0)
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    dit_mean_mode: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> VoxCPMConfig:
+        if self.architecture != "voxcpm":
+            raise ValueError(
+                f"architecture is {self.architecture!r}; this toolkit supports 'voxcpm' "
+                "(VoxCPM-0.5B and VoxCPM1.5) only"
+            )
+        if self.audio_vae_config.latent_dim != self.feat_dim:
+            raise ValueError(
+                f"feat_dim ({self.feat_dim}) must equal audio_vae_config.latent_dim "
+                f"({self.audio_vae_config.latent_dim})"
+            )
+        for name in ("encoder_config", "dit_config"):
+            try:
+                self.local_lm_config(getattr(self, name))
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return self
+
+    def local_lm_config(self, stack: LocalStackConfig) -> LMConfig:
+        """``lm_config`` with a local stack's sizes swapped in (kv heads stay the LM's)."""
+        try:
+            return LMConfig.model_validate(
+                self.lm_config.model_dump()
+                | dict(
+                    hidden_size=stack.hidden_dim,
+                    intermediate_size=stack.ffn_dim,
+                    num_attention_heads=stack.num_heads,
+                    num_hidden_layers=stack.num_layers,
+                    kv_channels=stack.kv_channels,
+                    vocab_size=0,
+                )
+            )
+        except ValidationError as exc:
+            raise ValueError(_first_error(exc)) from None
+
+    @property
+    def residual_lm_config(self) -> LMConfig:
+        return self.lm_config.model_copy(update=dict(num_hidden_layers=self.residual_lm_num_layers, vocab_size=0))
+
+    @property
+    def encoder_lm_config(self) -> LMConfig:
+        return self.local_lm_config(self.encoder_config)
+
+    @property
+    def dit_lm_config(self) -> LMConfig:
+        return self.local_lm_config(self.dit_config)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.audio_vae_config.sample_rate
+
+    @property
+    def hop_length(self) -> int:
+        return self.audio_vae_config.hop_length
+
+    @property
+    def patch_samples(self) -> int:
+        """Waveform samples per LM token (one patch of ``patch_size`` latent frames)."""
+        return self.hop_length * self.patch_size
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
+def parse_model_config(data: dict, source: str = "config.json") -> VoxCPMConfig:
+    """Validate a config dict; any problem becomes one ``VoxCPMError`` line naming the key."""
+    try:
+        return VoxCPMConfig.model_validate(data)
+    except ValidationError as exc:
+        raise VoxCPMError(f"{source}: invalid model config: {_first_error(exc)}") from None
