@@ -1,0 +1,60 @@
+"""LocDiT (``feat_decoder.estimator``): predicts the flow velocity of one patch from mu, time and the previous patch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from voxcpm_core.config import LMConfig
+from voxcpm_core.models.minicpm import MiniCPMModel
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t [N] -> [N, dim] = [sin(1000 t f), cos(1000 t f)], f_k = exp(-k ln(10000) / (dim/2 - 1))."""
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, device=t.device, dtype=torch.float32) * -(math.log(10000) / (half - 1))
+    )
+    args = 1000 * t[:, None] * freqs[None, :]  # [N, half] float32; 1000 * t is taken first, in t's dtype
+    return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+class TimestepMLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class LocalDiT(nn.Module):
+    def __init__(self, config: LMConfig, feat_dim: int):
+        super().__init__()
+        self.hidden = hidden = config.hidden_size
+        self.in_proj = nn.Linear(feat_dim, hidden)
+        self.cond_proj = nn.Linear(feat_dim, hidden)
+        self.out_proj = nn.Linear(hidden, feat_dim)
+        self.time_mlp = TimestepMLP(hidden)
+        self.delta_time_mlp = TimestepMLP(hidden)
+        self.decoder = MiniCPMModel(config, causal=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [N, D, P] noisy patch
+        mu: torch.Tensor,  # [N, H_dit] condition from the LMs
+        t: torch.Tensor,  # [N]
+        cond: torch.Tensor,  # [N, D, P'] previous patch
+        dt: torch.Tensor,  # [N] (always 0 outside mean mode)
+    ) -> torch.Tensor:
+        x = self.in_proj(x.transpose(1, 2))  # [N, P, H_dit]
+        cond = self.cond_proj(cond.transpose(1, 2))  # [N, P', H_dit]
+        tt = self.time_mlp(timestep_embedding(t, self.hidden).to(x.dtype))
+        tt = tt + self.delta_time_mlp(timestep_embedding(dt, self.hidden).to(x.dtype))  # [N, H_dit]
+        seq = torch.cat([(mu + tt)[:, None], cond, x], dim=1)  # [N, 1+P'+P, H_dit]
+        out = self.decoder(seq)[:, 1 + cond.shape[1] :]  # [N, P, H_dit]
+        return self.out_proj(out).transpose(1, 2)  # [N, D, P]

@@ -1,0 +1,164 @@
+"""The MiniCPM4 block stack used by every transformer in VoxCPM (base LM, residual LM, local encoder, local DiT).
+
+RMSNorm with a float32 variance, LongRoPE, grouped-query attention, SwiGLU MLP, muP residual scaling.
+Attribute names follow the official checkpoints (``layers.{i}.self_attn.q_proj`` ...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from voxcpm_core.config import LMConfig
+from voxcpm_core.models.kv_cache import KVCache, LayerKVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)  # [..., 1] in float32
+        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+
+class LongRoPE(nn.Module):
+    """LongRoPE cos/sin tables [max_positions, head_dim] (non-persistent: they follow ``.to(dtype)`` but are never saved)."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        dim, max_pos = config.head_dim, config.max_position_embeddings
+        inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # [dim/2]
+        scaling = config.rope_scaling
+        factor, scale = [1.0] * (dim // 2), 1.0
+        if scaling is not None:
+            orig = scaling.original_max_position_embeddings
+            factor = scaling.long_factor if max_pos > orig else scaling.short_factor
+            if max_pos > orig:
+                scale = math.sqrt(1 + math.log(max_pos / orig) / math.log(orig))
+        ext = torch.tensor(factor, dtype=torch.float32)
+        positions = torch.arange(max_pos, dtype=torch.float32)
+        freqs = torch.outer(positions, 1.0 / ext) * inv_freq  # [max_pos, dim/2], float32 as the reference
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, dim]
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, hd], cos/sin [T, hd]; rotated in float32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LMConfig, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, H]
+        rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin [T, hd] for positions start_pos..
+        cache: LayerKVCache | None,
+        start_pos: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, T, hd]
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, T, hd]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)  # [B, nkv, start_pos+T, hd]
+        S = k.shape[2]
+        mask, is_causal = None, False
+        if self.causal and T > 1:
+            if S == T:
+                is_causal = True
+            else:  # queries are the last T of S positions: query i sees keys 0..S-T+i
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, ffn, bias=False)
+        self.up_proj = nn.Linear(hidden, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; each residual branch is scaled by ``config.residual_scale`` (muP depth scaling)."""
+
+    def __init__(self, config: LMConfig, causal: bool):
+        super().__init__()
+        self.residual_scale = config.residual_scale
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, causal)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, rope, cache: LayerKVCache | None, start_pos: int) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), rope, cache, start_pos) * self.residual_scale
+        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+
+
+class MiniCPMModel(nn.Module):
+    """Optional token embedding (only when ``vocab_size > 0``), decoder layers, final norm.
+
+    ``forward`` takes embeddings, never ids: callers embed (and scale) tokens themselves.
+    """
+
+    def __init__(self, config: LMConfig, causal: bool):
+        super().__init__()
+        self.config = config
+        if config.vocab_size > 0:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, causal) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rope_emb = None if config.no_rope else LongRoPE(config)
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        """inputs_embeds [B, T, H] at positions start_pos..start_pos+T-1 -> hidden [B, T, H] (after the final norm).
+
+        With ``kv_cache`` the keys/values are written at those positions and attention covers
+        positions 0..start_pos+T-1; without it the sequence is attended on its own (start_pos only shifts RoPE).
+        """
+        T = inputs_embeds.shape[1]
+        rope = None
+        if self.rope_emb is not None:
+            rope = (
+                self.rope_emb.cos[start_pos : start_pos + T],
+                self.rope_emb.sin[start_pos : start_pos + T],
+            )
+        h = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, kv_cache.layers[i] if kv_cache is not None else None, start_pos)
+        return self.norm(h)
