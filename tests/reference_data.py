@@ -14,7 +14,7 @@ from voxcpm_core.models.flow_matching import FlowDraws
 RTOL = 1e-5  # relative to the largest magnitude of the reference tensor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_tensors(preset_dir: Path) -> dict[str, torch.Tensor]:
     """``reference.safetensors`` of a preset (cached: treat as read-only)."""
     return load_file(Path(preset_dir) / "reference.safetensors")
