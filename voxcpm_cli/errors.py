@@ -30,7 +30,7 @@ def run_app(app: Callable[..., T]) -> None:
     except VoxCPMError as exc:
         if _state["verbose"]:
             err_console.print_exception()
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)  # one line, even when piped
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

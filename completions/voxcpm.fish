@@ -1,0 +1,1 @@
+complete --command voxcpm --no-files --arguments "(env _VOXCPM_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) voxcpm)" --condition "env _VOXCPM_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) voxcpm"
