@@ -1,0 +1,404 @@
+"""Training data: manifest -> checked samples -> cached latents -> length-bucketed batches.
+
+``prepare_training_data`` is the one call the trainer (and ``--dry-run``) makes. Batches are lists
+of sample indices from ``BucketBatchSampler``: each holds at most ``batch_size`` samples and at most
+``max_batch_tokens`` padded positions (samples x longest length). The order depends only on
+(seed, epoch); DDP ranks take disjoint batches of that same global order; ``state_dict`` records
+(epoch, position) so a resumed run continues with exactly the batches it had not seen.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from voxcpm_core.data.batch import TrainBatch, collate
+from voxcpm_core.data.latent_cache import LatentCache, ProgressFn, check_cache_dir
+from voxcpm_core.data.manifest import ManifestEntry, validate_manifest
+from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.training.config import TrainConfig, check_sample_rate
+
+make_batch = collate  # list of dataset items -> TrainBatch (the DataLoader collate_fn)
+SHOWN_BAD = 5  # bad samples quoted in an error message
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One clip ready for training: tokenized text and the cache entry of its latents."""
+
+    text: str
+    text_ids: list[int]
+    latents: Path  # cache entry holding [A, P, D]
+    num_patches: int  # A
+    seconds: float  # audio duration
+    dataset_id: int
+    audio: Path
+    line: int  # manifest line
+
+    @property
+    def length(self) -> int:
+        """Sequence positions: text, audio start, A patches, audio end."""
+        return len(self.text_ids) + 1 + self.num_patches + 1
+
+
+BAD, TOO_LONG = "bad", "too_long"  # why a sample was dropped
+
+
+@dataclass(frozen=True)
+class DroppedSample:
+    split: str  # "train" or "val"
+    line: int
+    audio: str
+    reason: str
+    kind: str  # BAD (manifest check failed, skip_bad) or TOO_LONG (over max_batch_tokens)
+
+
+class TrainDataset(Dataset):
+    """``dataset[i]`` = (text_ids, latents [A, P, D], dataset_id), the item ``collate`` takes."""
+
+    def __init__(self, samples: Sequence[Sample]):
+        self.samples = list(samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[list[int], torch.Tensor, int]:
+        s = self.samples[index]
+        return s.text_ids, LatentCache.load(s.latents), s.dataset_id
+
+    @property
+    def lengths(self) -> list[int]:
+        return [s.length for s in self.samples]
+
+    def batch(self, indices: Sequence[int]) -> TrainBatch:
+        return collate([self[i] for i in indices])
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Length-bucketed batches under a sample and a padded-token budget, resumable and shardable.
+
+    Per epoch: shuffle with (seed, epoch), cut into pools of ``pool_batches * batch_size`` samples,
+    sort each pool by length and fill batches greedily, then shuffle the batch order. Rank r of
+    ``world_size`` takes global batches r, r + world_size, ...; the list is first padded by repeating
+    its first batches so every rank runs the same number of steps. A sample longer than
+    ``max_batch_tokens`` can never fit and is left out (``dropped``). Iterating continues from
+    (epoch, position) and moves to the next epoch at the end.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        max_batch_tokens: int = 0,  # 0 = no token budget
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        pool_batches: int = 50,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle = shuffle
+        self.pool_size = pool_batches * batch_size
+        fits = [not max_batch_tokens or n <= max_batch_tokens for n in self.lengths]
+        self.kept = [i for i, ok in enumerate(fits) if ok]
+        self.dropped = [i for i, ok in enumerate(fits) if not ok]
+        self.epoch = 0
+        self.position = 0  # batches of this epoch already handed out on this rank
+
+    def _fits(self, count: int, longest: int) -> bool:
+        return count <= self.batch_size and (
+            not self.max_batch_tokens or count * longest <= self.max_batch_tokens
+        )
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """Every rank's batches of ``epoch``, in order (before sharding)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.kept).tolist() if self.shuffle else list(self.kept)
+        batches: list[list[int]] = []
+        for start in range(0, len(order), self.pool_size):
+            pool = sorted(order[start : start + self.pool_size], key=lambda i: self.lengths[i])
+            current: list[int] = []
+            for i in pool:  # ascending: sample i is the longest of the batch it joins
+                if current and not self._fits(len(current) + 1, self.lengths[i]):
+                    batches.append(current)
+                    current = []
+                current.append(i)
+            if current:
+                batches.append(current)
+        if self.shuffle:
+            batches = [batches[k] for k in rng.permutation(len(batches))]
+        return batches
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch``."""
+        batches = self.global_batches(epoch)
+        if batches and len(batches) % self.world_size:
+            pad = self.world_size - len(batches) % self.world_size
+            batches = batches + (batches * pad)[:pad]
+        return batches[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the count is the same every epoch up to pool effects)."""
+        return len(self.batches(self.epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.batches(self.epoch)
+        while self.position < len(batches):
+            self.position += 1
+            yield batches[self.position - 1]
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class TrainLoader:
+    """Endless ``TrainBatch`` stream over epochs; ``state_dict`` counts the batches taken from it.
+
+    Counting here (not in the sampler) keeps the state exact when DataLoader workers prefetch.
+    """
+
+    def __init__(self, dataset: TrainDataset, sampler: BucketBatchSampler, num_workers: int = 0):
+        self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
+        self.epoch, self.position = sampler.epoch, sampler.position
+        self._batches: Iterator[TrainBatch] | None = None
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> TrainBatch:
+        for _ in range(2):  # at most one epoch boundary per batch
+            if self._batches is None:
+                self.sampler.load_state_dict(self.state_dict())
+                loader = DataLoader(
+                    self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=self.num_workers
+                )
+                self._batches = iter(loader)
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                self._batches = None
+                self.epoch, self.position = self.epoch + 1, 0
+                continue
+            self.position += 1
+            return batch
+        raise VoxCPMError("the training data yields no batches; check max_batch_tokens and the manifest")
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._batches = None
+
+
+@dataclass
+class DataStats:
+    clips: int
+    hours: float
+    per_dataset: dict[int, int]  # dataset_id -> clips
+    per_dataset_hours: dict[int, float]
+    val_clips: int
+    bad: int  # manifest samples dropped by skip_bad (train + val)
+    over_budget: int  # samples longer than max_batch_tokens (train + val)
+    batches_per_epoch: int  # micro-batches per epoch on one rank
+    steps_per_epoch: float  # optimizer steps per epoch (batches / grad_accum_steps)
+    padding: float  # fraction of padded positions in an epoch's batches
+    encoded: int  # clips the VAE encoded now (the rest came from the cache)
+    max_length: int  # longest kept sample, in positions
+
+
+@dataclass
+class PreparedData:
+    """Everything the training loop needs from the data side."""
+
+    train: TrainDataset
+    val: TrainDataset | None
+    dropped: list[DroppedSample]
+    stats: DataStats
+    batch_size: int
+    max_batch_tokens: int
+    seed: int
+    warnings: list[str] = field(default_factory=list)
+
+    def train_sampler(self, rank: int = 0, world_size: int = 1) -> BucketBatchSampler:
+        return BucketBatchSampler(
+            self.train.lengths, self.batch_size, self.max_batch_tokens, self.seed, rank, world_size
+        )
+
+    def train_loader(self, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> TrainLoader:
+        return TrainLoader(self.train, self.train_sampler(rank, world_size), num_workers)
+
+    def val_batches(self, rank: int = 0, world_size: int = 1) -> Iterator[TrainBatch]:
+        """Validation batches in a fixed order (length-bucketed, no shuffling)."""
+        if self.val is None:
+            return iter(())
+        sampler = BucketBatchSampler(
+            self.val.lengths,
+            self.batch_size,
+            self.max_batch_tokens,
+            self.seed,
+            rank,
+            world_size,
+            shuffle=False,
+        )
+        return (self.val.batch(indices) for indices in sampler.batches(0))
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _checked_entries(
+    split: str, manifest: Path, sample_rate: int, skip_bad: bool
+) -> tuple[list[ManifestEntry], list[DroppedSample]]:
+    """Good manifest entries; bad ones raise (listing the first few) or, with skip_bad, are dropped."""
+    report = validate_manifest(manifest, sample_rate=sample_rate)
+    whole = [i for i in report.errors if i.line is None]
+    if whole:
+        raise VoxCPMError(f"{manifest}: {whole[0].message}")
+    first_error: dict[int, str] = {}
+    for issue in report.errors:
+        first_error.setdefault(issue.line, issue.message)
+    if first_error and not skip_bad:
+        shown = "; ".join(f"line {line}: {msg}" for line, msg in list(first_error.items())[:SHOWN_BAD])
+        more = f"; ... and {len(first_error) - SHOWN_BAD} more" if len(first_error) > SHOWN_BAD else ""
+        raise VoxCPMError(
+            f"{manifest}: {len(first_error)} bad sample(s) in the {split} manifest: {shown}{more}; "
+            f"fix them (`voxcpm data validate {manifest}` lists all) or pass --skip-bad to drop them"
+        )
+    audio_of = {e.line: e.audio_raw for e in report.entries}
+    dropped = [
+        DroppedSample(split, line, audio_of.get(line, ""), msg, BAD) for line, msg in first_error.items()
+    ]
+    return report.good_entries(), dropped
+
+
+def _samples(
+    entries: list[ManifestEntry], cache_entries: list[Path], tokenizer, sample_rate: int
+) -> list[Sample]:
+    samples = []
+    for e, entry in zip(entries, cache_entries, strict=True):
+        num_patches, num_samples = LatentCache.describe(entry)
+        text_ids = tokenizer.encode(e.text)
+        samples.append(
+            Sample(
+                e.text, text_ids, entry, num_patches, num_samples / sample_rate, e.dataset_id, e.audio, e.line
+            )
+        )
+    return samples
+
+
+def prepare_training_data(
+    cfg: TrainConfig, loaded_model, progress: ProgressFn | None = None, skip_bad: bool = False
+) -> PreparedData:
+    """Check the manifests, fill the latent cache, tokenize, and plan batches.
+
+    ``loaded_model`` needs ``config`` (VoxCPMConfig), ``vae`` and ``tokenizer`` (a ``LoadedModel``).
+    ``progress(done, total)`` follows the VAE encoding of clips missing from the cache. Under
+    torch.distributed each rank encodes a share of the missing clips, then all ranks wait for each other.
+    """
+    sample_rate = check_sample_rate(cfg, loaded_model.config)
+    splits = {"train": cfg.train_manifest} | ({"val": cfg.val_manifest} if cfg.val_manifest else {})
+    entries: dict[str, list[ManifestEntry]] = {}
+    dropped: list[DroppedSample] = []
+    for split, manifest in splits.items():
+        entries[split], bad = _checked_entries(split, Path(manifest), sample_rate, skip_bad)
+        dropped += bad
+    if not entries["train"]:
+        raise VoxCPMError(f"{cfg.train_manifest}: no usable training samples left; fix the manifest")
+
+    cache = LatentCache(check_cache_dir(cfg.cache_dir), loaded_model.vae, loaded_model.config.patch_size)
+    rank, world_size = _dist_rank_world()
+    all_entries = entries["train"] + entries.get("val", [])
+    encoded: list[int] = [0]
+
+    def count(done: int, total: int) -> None:
+        encoded[0] = done
+        if progress is not None:
+            progress(done, total)
+
+    cache_entries = cache.ensure([e.audio for e in all_entries], count, rank, world_size)
+    if world_size > 1:
+        torch.distributed.barrier()
+    n_train = len(entries["train"])
+    train = TrainDataset(
+        _samples(entries["train"], cache_entries[:n_train], loaded_model.tokenizer, sample_rate)
+    )
+    val = None
+    if "val" in entries:
+        val = TrainDataset(
+            _samples(entries["val"], cache_entries[n_train:], loaded_model.tokenizer, sample_rate)
+        )
+
+    budget = cfg.max_batch_tokens
+    for split, dataset in (("train", train), ("val", val)):
+        if dataset is None or not budget:
+            continue
+        fits = [s.length <= budget for s in dataset.samples]
+        if split == "train" and not any(fits):
+            shortest = min(s.length for s in dataset.samples)
+            raise VoxCPMError(
+                f"{cfg.source}: max_batch_tokens: {budget} is below every training sample "
+                f"(the shortest needs {shortest} positions); raise it, e.g. --set max_batch_tokens={8 * shortest}"
+            )
+        dropped += [
+            DroppedSample(
+                split, s.line, str(s.audio), f"{s.length} positions > max_batch_tokens {budget}", TOO_LONG
+            )
+            for s, ok in zip(dataset.samples, fits, strict=True)
+            if not ok
+        ]
+        dataset.samples = [s for s, ok in zip(dataset.samples, fits, strict=True) if ok]
+
+    sampler = BucketBatchSampler(train.lengths, cfg.batch_size, budget, cfg.seed, rank, world_size)
+    stats = _stats(train, val, dropped, sampler, cfg.grad_accum_steps, encoded[0])
+    warnings = [f"{d.split} manifest line {d.line} ({d.audio}): dropped, {d.reason}" for d in dropped]
+    return PreparedData(train, val, dropped, stats, cfg.batch_size, budget, cfg.seed, warnings)
+
+
+def _stats(
+    train: TrainDataset,
+    val: TrainDataset | None,
+    dropped: list[DroppedSample],
+    sampler: BucketBatchSampler,
+    grad_accum_steps: int,
+    encoded: int,
+) -> DataStats:
+    per_dataset = Counter(s.dataset_id for s in train.samples)
+    hours: Counter[int] = Counter()
+    for s in train.samples:
+        hours[s.dataset_id] += s.seconds / 3600
+    lengths = sampler.lengths
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in sampler.global_batches(0))
+    batches = len(sampler)
+    return DataStats(
+        clips=len(train),
+        hours=sum(hours.values()),
+        per_dataset=dict(sorted(per_dataset.items())),
+        per_dataset_hours=dict(sorted(hours.items())),
+        val_clips=len(val) if val is not None else 0,
+        bad=sum(d.kind == BAD for d in dropped),
+        over_budget=sum(d.kind == TOO_LONG for d in dropped),
+        batches_per_epoch=batches,
+        steps_per_epoch=batches / grad_accum_steps,
+        padding=1 - sum(lengths) / padded,
+        encoded=encoded,
+        max_length=max(lengths),
+    )

@@ -1,0 +1,265 @@
+"""The training YAML (the fine-tuning guide's schema plus our keys) as typed, validated objects.
+
+``load_train_config(path, overrides)`` reads the YAML, applies ``--set key=value`` overrides and
+validates. Rules a user can rely on:
+
+- Unknown keys are errors at any level (``lora.rank`` -> "did you mean 'lora.r'?").
+- Relative paths written in the YAML resolve against the YAML file's folder, so a config and its
+  data can move together; relative paths given with ``--set`` resolve against the current folder.
+- ``val_manifest: ""`` (or omitted) means no validation; ``tensorboard: ""`` turns TensorBoard off,
+  omitted means ``<save_path>/tensorboard``; ``max_steps`` omitted means ``num_iters``.
+- ``sample_rate`` omitted means the model's VAE rate; any other value is an error
+  (``check_sample_rate``, called once the model config is known).
+- ``demo: <folder>`` builds the bundled demo (tiny model + small dataset) there on first load.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from voxcpm_core.config import VoxCPMConfig
+from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.lora import LoRAConfig
+
+# Keys whose values are filesystem paths (resolved as described in the module docstring).
+PATH_KEYS = (
+    "pretrained_path",
+    "train_manifest",
+    "val_manifest",
+    "save_path",
+    "tensorboard",
+    "cache_dir",
+    "demo",
+)
+
+
+def default_cache_dir() -> Path:
+    """Latent cache root: ``$VOXCPM_CACHE_DIR/latents``, else ``~/.cache/voxcpm-tune/latents``."""
+    root = os.environ.get("VOXCPM_CACHE_DIR")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "voxcpm-tune") / "latents"
+
+
+class LossWeights(BaseModel):
+    """``lambdas``: total loss = loss/diff * diff + loss/stop * stop."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    diff: float = Field(1.0, alias="loss/diff", ge=0)
+    stop: float = Field(1.0, alias="loss/stop", ge=0)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"loss/diff": self.diff, "loss/stop": self.stop}
+
+
+class TrainConfig(BaseModel):
+    """One training run. Field order and names follow the guide; ours come last."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    pretrained_path: Path | None = None  # model directory; required unless hf_model_id is given
+    train_manifest: Path
+    val_manifest: Path | None = None  # "" = no validation
+    sample_rate: int | None = Field(None, gt=0)  # must equal the model's VAE rate; omitted = that rate
+    batch_size: int = Field(16, gt=0)  # at most this many clips per micro-batch
+    grad_accum_steps: int = Field(1, gt=0)
+    num_workers: int = Field(2, ge=0)  # DataLoader workers reading cached latents
+    num_iters: int = Field(2000, gt=0)  # optimizer steps to run
+    log_interval: int = Field(10, gt=0)
+    valid_interval: int = Field(1000, ge=0)  # 0 = never
+    save_interval: int = Field(1000, ge=0)  # 0 = only at the end
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    max_steps: int | None = Field(None, gt=0)  # end of the cosine schedule; omitted = num_iters
+    max_batch_tokens: int = Field(8192, ge=0)  # padded positions per micro-batch; 0 = no budget
+    save_path: Path
+    tensorboard: Path | None = None  # omitted = <save_path>/tensorboard, "" = off
+    lambdas: LossWeights = Field(default_factory=LossWeights)
+    lora: LoRAConfig | None = None  # the adapter for `voxcpm train lora`
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
+    hf_model_id: str = ""  # Hugging Face id, used when pretrained_path is empty
+    distribute: bool = False  # accepted for reference configs; DDP follows torchrun's environment
+    keep_last_n: int = Field(3, ge=0)  # step_* checkpoints kept; 0 = keep all
+    seed: int = 1234
+    precision: Literal["fp32", "bf16", "auto"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    cache_dir: Path = Field(default_factory=default_cache_dir)  # latent cache root
+    gradient_checkpointing: bool = False
+    demo: Path | None = None  # build the bundled demo here on first load
+
+    _source: str = PrivateAttr("<config>")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("val_manifest", "pretrained_path", "demo"):
+                if data.get(key) in ("", None):
+                    data.pop(key, None)
+            if data.get("tensorboard") == "":
+                data["tensorboard"] = None
+            elif data.get("tensorboard") is None and data.get("save_path") not in (None, ""):
+                data["tensorboard"] = Path(data["save_path"]) / "tensorboard"
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.pretrained_path is None and not self.hf_model_id:
+            raise ValueError("pretrained_path: missing; set it to a model directory (or set hf_model_id)")
+        if self.max_steps is None:
+            self.max_steps = self.num_iters
+        return self
+
+    @property
+    def source(self) -> str:
+        """The YAML file this config came from (for error messages)."""
+        return self._source
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (what ``--dry-run`` prints and a run saves); it loads back as is."""
+        data = self.model_dump(mode="json", by_alias=True)
+        data |= {key: "" for key in PATH_KEYS if data[key] is None}  # "" = off; null would mean the default
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def check_sample_rate(cfg: TrainConfig, model_config: VoxCPMConfig) -> int:
+    """The rate to train at: the model's VAE rate; a different ``sample_rate`` in the YAML is an error."""
+    model_rate = model_config.sample_rate
+    if cfg.sample_rate is not None and cfg.sample_rate != model_rate:
+        raise VoxCPMError(
+            f"{cfg.source}: sample_rate: {cfg.sample_rate} does not match the model's VAE rate {model_rate} "
+            f"({cfg.pretrained_path}); set sample_rate: {model_rate} or remove the key (audio is resampled)"
+        )
+    return model_rate
+
+
+def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a training YAML, apply ``--set KEY=VALUE`` overrides, validate; errors are one line."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise VoxCPMError(f"{source}: config file not found; pass an existing YAML, e.g. conf/demo/lora.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise VoxCPMError(f"{where}: invalid YAML ({problem}); fix the syntax at that line") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VoxCPMError(f"{source}: cannot read config ({exc})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise VoxCPMError(f"{source}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    _check_keys(raw, TrainConfig, [], source)
+    _resolve_paths(raw, path.resolve().parent)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    try:
+        cfg = TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise VoxCPMError(f"{source}: {_describe(exc)}") from None
+    cfg._source = source
+    if cfg.demo is not None:
+        from voxcpm_core.demo import ensure_demo  # builds a model: only when the config asks for it
+
+        ensure_demo(cfg.demo)
+    return cfg
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside ``annotation`` (``M`` or ``M | None``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_of(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _keys_of(model: type[BaseModel]) -> dict[str, Any]:
+    """YAML key -> field annotation (aliases are the YAML names)."""
+    return {(f.alias or name): f.annotation for name, f in model.model_fields.items()}
+
+
+def _unknown_key(key_path: list[str], known: dict[str, Any], source: str) -> VoxCPMError:
+    dotted = ".".join(key_path)
+    close = difflib.get_close_matches(str(key_path[-1]), list(known), n=1, cutoff=0.6)
+    prefix = ".".join(key_path[:-1] + [""])
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+    return VoxCPMError(f"{source}: unknown key '{dotted}'; {hint}")
+
+
+def _check_keys(data: dict, model: type[BaseModel], where: list[str], source: str) -> None:
+    known = _keys_of(model)
+    for key, value in data.items():
+        if key not in known:
+            raise _unknown_key([*where, str(key)], known, source)
+        sub = _model_of(known[key])
+        if sub is not None and isinstance(value, dict):
+            _check_keys(value, sub, [*where, key], source)
+
+
+def _resolve_paths(raw: dict, base: Path, keys: tuple[str, ...] = PATH_KEYS) -> None:
+    """Make the path keys of ``raw`` absolute against ``base`` ("" and null stay as they are)."""
+    for key in keys:
+        value = raw.get(key)
+        if isinstance(value, (str, Path)) and str(value) != "":
+            raw[key] = str((base / Path(value).expanduser()).resolve())
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """``lora.r=16``: value parsed as a YAML scalar; unknown keys are did-you-mean errors."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise VoxCPMError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lora.r=16 or --set batch_size=8")
+    key_path = key.split(".")
+    model: type[BaseModel] | None = TrainConfig
+    for depth, part in enumerate(key_path):
+        if model is None:
+            raise VoxCPMError(f"--set {item!r}: '{'.'.join(key_path[:depth])}' has no sub-keys")
+        known = _keys_of(model)
+        if part not in known:
+            raise _unknown_key(key_path[: depth + 1], known, f"--set {item}")
+        model = _model_of(known[part])
+    if model is not None:
+        raise VoxCPMError(
+            f"--set {item!r}: '{key}' is a section; set one of its keys, e.g. {key}.{next(iter(_keys_of(model)))}=..."
+        )
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # not YAML: take the text as a string (pydantic still checks its type)
+    node = raw
+    for part in key_path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[key_path[-1]] = value
+    if key in PATH_KEYS:
+        _resolve_paths(node, Path.cwd(), keys=(key,))
+
+
+def _describe(exc: ValidationError) -> str:
+    """The first validation error as 'key: what is wrong (got X); how to fix'."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"{where}: missing; add '{where}: ...' to the YAML or pass --set {where}=..."
+    if err["type"] == "value_error":
+        return msg if where == "" else f"{where}: {msg}"
+    got = err.get("input")
+    return f"{where}: {msg} (got {got!r}); fix it in the YAML or with --set {where}=..."
