@@ -1,0 +1,253 @@
+"""The Python API of the fine-tuning guide: ``VoxCPM.from_pretrained``, ``generate``, LoRA hot-swapping.
+
+    tts = VoxCPM.from_pretrained("path/to/VoxCPM1.5", lora_weights_path="ckpt/step_0002000")
+    wav = tts.generate("Hello.", prompt_wav_path="ref.wav", prompt_text="Reference transcript.", seed=1)
+    tts.set_lora_enabled(False); tts.load_lora("ckpt/other"); tts.unload_lora()
+
+A thin layer over ``checkpoint`` (loading), ``inference`` (generation) and ``lora`` (adapters):
+swapping adapters copies LoRA tensors in place and never reloads the base weights.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from voxcpm_core import inference, lora
+from voxcpm_core.checkpoint import LoadedModel, load_lora_dir, load_model_dir
+from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.lora import LoRAConfig
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_model_dir(name: str | os.PathLike) -> Path:
+    """A local model directory, or a Hugging Face Hub id ("openbmb/VoxCPM1.5") downloaded to the hub cache."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or not _HUB_ID.fullmatch(str(name)):
+        raise VoxCPMError(f"{path}: model directory not found; give a folder with config.json and the weights")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise VoxCPMError(
+            f"{name}: no such local directory; to download it as a Hugging Face Hub id install the hub extra: "
+            "pip install 'voxcpm-tune[hub]'"
+        ) from None
+    try:
+        return Path(snapshot_download(repo_id=str(name)))
+    except Exception as exc:  # offline, unknown repo, HTTP errors: all mean "not available"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise VoxCPMError(
+            f"{name}: no such local directory, and downloading it from the Hugging Face Hub failed ({reason}); "
+            "check the id and the network, or pass a local model directory"
+        ) from None
+
+
+def lora_config_from_weights(state_dict: Mapping[str, torch.Tensor], source: str) -> LoRAConfig:
+    """The LoRA structure an adapter file implies (rank, components, module names); alpha is the default."""
+    a_keys = [k for k in state_dict if k.endswith(".lora_A")]
+    if not a_keys:
+        raise VoxCPMError(f"{source}: holds no *.lora_A tensors; is it a LoRA checkpoint?")
+    ranks = sorted({int(state_dict[k].shape[0]) for k in a_keys})
+    if len(ranks) > 1:
+        raise VoxCPMError(f"{source}: mixes LoRA ranks {ranks}; add a lora_config.json or re-export the adapter")
+    targets: dict[str, set[str]] = {"lm": set(), "dit": set(), "proj": set()}
+    for key in a_keys:
+        module = key.removesuffix(".lora_A")
+        group = (
+            "lm" if module.startswith(tuple(f"{p}." for p in lora.LM_STACKS))
+            else "dit" if module.startswith(lora.DIT_STACK + ".")
+            else "proj" if "." not in module
+            else None
+        )
+        if group is None:
+            raise VoxCPMError(f"{source}: {key} is not in a part LoRA can adapt (LM stacks, DiT, projections)")
+        targets[group].add(module.rpartition(".")[2])
+    defaults = LoRAConfig()
+    config = LoRAConfig(
+        enable_lm=bool(targets["lm"]),
+        enable_dit=bool(targets["dit"]),
+        enable_proj=bool(targets["proj"]),
+        r=ranks[0],
+        target_modules_lm=sorted(targets["lm"]) or defaults.target_modules_lm,
+        target_modules_dit=sorted(targets["dit"]) or defaults.target_modules_dit,
+        target_proj_modules=sorted(targets["proj"]) or defaults.target_proj_modules,
+    )
+    warnings.warn(
+        f"{source}: no lora_config.json; LoRA structure read from the weights (r={config.r}), "
+        f"alpha assumed {config.alpha}: pass lora_config= if it was trained with another alpha",
+        stacklevel=3,
+    )
+    return config
+
+
+def _adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoRAConfig]:
+    """Tensors and structure of a LoRA checkpoint folder (structure from lora_config.json, else the tensors)."""
+    state_dict, meta = load_lora_dir(Path(path))
+    if meta is not None:
+        return state_dict, lora.parse_lora_config(meta["lora_config"], source=str(Path(path) / "lora_config.json"))
+    return state_dict, lora_config_from_weights(state_dict, str(path))
+
+
+class VoxCPM:
+    """A loaded VoxCPM model (+ optional LoRA structure) ready to synthesize speech."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self._prompt_cache: tuple[tuple, inference.Prompt] | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike | None = None,
+        *,
+        hf_model_id: str | None = None,
+        lora_config: LoRAConfig | None = None,
+        lora_weights_path: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        optimize: bool = False,
+        load_denoiser: bool = False,
+    ) -> VoxCPM:
+        """Load a model directory (or hub id) on ``device`` (default: CUDA if available, else CPU).
+
+        ``dtype`` defaults to float32 on CPU and the config's dtype on GPU (the VAE stays float32).
+        ``lora_config`` builds the LoRA structure; ``lora_weights_path`` (a LoRA checkpoint folder) also
+        loads an adapter, its structure taken from its lora_config.json when ``lora_config`` is not given.
+        ``optimize`` compiles the transformer stacks with torch.compile on CUDA (ignored elsewhere).
+        """
+        if load_denoiser:
+            raise VoxCPMError("load_denoiser=True is not supported: voxcpm-tune has no denoiser; clean the prompt audio beforehand")
+        if (path is None) == (hf_model_id is None):
+            raise VoxCPMError("from_pretrained: give the model as path or hf_model_id (exactly one of them)")
+        model_dir = resolve_model_dir(path if path is not None else hf_model_id)
+        adapter = None
+        if lora_weights_path is not None:
+            adapter, adapter_config = _adapter(lora_weights_path)
+            lora_config = adapter_config if lora_config is None else lora_config
+        tts = cls(load_model_dir(model_dir, lora=lora_config, device=device or "auto", dtype=dtype))
+        if adapter is not None:
+            lora.load_lora_state_dict(tts.model, adapter, strict=True)
+        if optimize:
+            tts._compile()
+        return tts
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def sample_rate(self) -> int:
+        return self.loaded.vae.sample_rate
+
+    def _compile(self) -> None:
+        if self.model.enc_to_lm_proj.weight.device.type != "cuda":
+            warnings.warn("optimize=True: torch.compile is used on CUDA only; running uncompiled", stacklevel=3)
+            return
+        m = self.model
+        for module in (m.base_lm, m.residual_lm, m.feat_encoder, m.feat_decoder.estimator):
+            module.compile(dynamic=True)  # in place: state-dict keys and LoRA hot-swapping are unaffected
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    def _prompt(self, prompt_wav_path: str | os.PathLike | None, prompt_text: str | None) -> inference.Prompt | None:
+        """The encoded prompt; the last one is kept, so repeated calls with one voice encode it once."""
+        inference.check_prompt_args(prompt_wav_path, prompt_text)
+        if prompt_wav_path is None:
+            return None
+        path = Path(prompt_wav_path).resolve()
+        stat = path.stat()
+        key = (path, stat.st_mtime_ns, stat.st_size, prompt_text)
+        if self._prompt_cache is None or self._prompt_cache[0] != key:
+            prompt = inference.load_prompt(self.loaded.vae, path, prompt_text, self.loaded.config.patch_size)
+            self._prompt_cache = (key, prompt)
+        return self._prompt_cache[1]
+
+    def synthesize(
+        self,
+        text: str,
+        prompt_wav_path: str | os.PathLike | None = None,
+        prompt_text: str | None = None,
+        seed: int | None = None,
+        options: inference.SamplingOptions | None = None,
+    ) -> inference.Generation:
+        """``generate`` with the details: the wave plus the seed used, tries and patch count."""
+        prompt = self._prompt(prompt_wav_path, prompt_text)
+        m = self.loaded
+        return inference.generate(m.model, m.vae, m.tokenizer, text, prompt, options, seed)
+
+    def generate(
+        self,
+        text: str,
+        prompt_wav_path: str | os.PathLike | None = None,
+        prompt_text: str | None = None,
+        cfg_value: float = 2.0,
+        inference_timesteps: int = 10,
+        min_len: int = 2,
+        max_len: int = 4096,
+        seed: int | None = None,
+        retry_badcase: bool = True,
+        retry_badcase_max_times: int = 3,
+        retry_badcase_ratio_threshold: float = 6.0,
+    ) -> np.ndarray:
+        """Speech for ``text`` as float32 [samples] at ``sample_rate`` (only the new speech with a prompt)."""
+        options = inference.SamplingOptions(
+            cfg_value, inference_timesteps, min_len, max_len,
+            retry_badcase, retry_badcase_max_times, retry_badcase_ratio_threshold,
+        )
+        return self.synthesize(text, prompt_wav_path, prompt_text, seed, options).wav
+
+    def generate_streaming(
+        self,
+        text: str,
+        prompt_wav_path: str | os.PathLike | None = None,
+        prompt_text: str | None = None,
+        cfg_value: float = 2.0,
+        inference_timesteps: int = 10,
+        min_len: int = 2,
+        max_len: int = 4096,
+        seed: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield float32 chunks, one per generated patch; together they equal ``generate`` (no bad-case retry)."""
+        options = inference.SamplingOptions(cfg_value, inference_timesteps, min_len, max_len, retry_badcase=False)
+        prompt = self._prompt(prompt_wav_path, prompt_text)  # checked now, not at the first chunk
+        m = self.loaded
+        return inference.generate_streaming(m.model, m.vae, m.tokenizer, text, prompt, options, seed)
+
+    # ---- LoRA hot-swapping ----------------------------------------------------------------------
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether the model has a LoRA structure (as in the reference; ``set_lora_enabled`` does not change it)."""
+        return any(True for _ in lora.lora_modules(self.model))
+
+    def load_lora(self, path: str | os.PathLike) -> tuple[list[str], list[str]]:
+        """Load the adapter in a LoRA checkpoint folder in place -> (loaded keys, skipped keys).
+
+        A model loaded without LoRA gets the adapter's structure first. An adapter whose rank, targets
+        or shapes differ from the model's LoRA structure is an error, never a partial load.
+        """
+        state_dict, config = _adapter(path)
+        if not self.lora_enabled:
+            lora.apply_lora(self.model, config)
+        return lora.load_lora_state_dict(self.model, state_dict, strict=True)
+
+    def unload_lora(self) -> None:
+        """Reset every adapter to a zero update: outputs equal the base model's."""
+        lora.reset_lora(self.model)
+
+    def set_lora_enabled(self, enabled: bool) -> None:
+        """Switch the adapters off (base model) or back on, keeping their weights."""
+        lora.set_lora_enabled(self.model, enabled)
+
+    def get_lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of the current ``*.lora_A`` / ``*.lora_B`` tensors (empty without LoRA)."""
+        return lora.lora_state_dict(self.model)
