@@ -26,6 +26,7 @@ from voxcpm_core.lora import (
     set_lora_enabled,
     trainable_lora_parameters,
 )
+from voxcpm_core.models.linear import linear
 
 
 def _adapter(preset_dir):
@@ -212,7 +213,7 @@ def test_apply_lora_targets_and_initial_state():
     assert wrapped.lora_A.shape == (2, 6) and wrapped.lora_B.shape == (5, 2)
     assert wrapped.scaling.item() == 1.5 and torch.count_nonzero(wrapped.lora_B) == 0
     x = torch.randn(3, 6)
-    assert torch.equal(wrapped(x), nn.functional.linear(x, weight, wrapped.bias))
+    assert torch.equal(wrapped(x), linear(x, weight, wrapped.bias))  # the base path, plus B A x = 0
     with pytest.raises(VoxCPMError, match="already applied"):
         apply_lora(toy, LoRAConfig(enable_lm=True))
 

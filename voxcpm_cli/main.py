@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from voxcpm_cli.commands import data
+from voxcpm_cli.commands import data, infer, lora, train
 from voxcpm_cli.errors import run_app, set_verbose
 from voxcpm_core import __version__
 
@@ -18,6 +18,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data.app, name="data")
+app.command("infer")(infer.infer)
+app.add_typer(train.app, name="train")
+app.add_typer(lora.app, name="lora")
 
 
 def _version(value: bool) -> None:

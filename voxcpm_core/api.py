@@ -13,18 +13,19 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from voxcpm_core import inference, lora
-from voxcpm_core.checkpoint import LoadedModel, load_lora_dir, load_model_dir
+from voxcpm_core.checkpoint import LoadedModel, load_model_dir
 from voxcpm_core.errors import VoxCPMError
 from voxcpm_core.lora import LoRAConfig
+from voxcpm_core.lora_tools import read_adapter
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "openbmb/VoxCPM1.5"
 
 
 def resolve_model_dir(name: str | os.PathLike) -> Path:
@@ -32,7 +33,7 @@ def resolve_model_dir(name: str | os.PathLike) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or not _HUB_ID.fullmatch(str(name)):
+    if path.exists() or not HUB_ID.fullmatch(str(name)):
         raise VoxCPMError(f"{path}: model directory not found; give a folder with config.json and the weights")
     try:
         from huggingface_hub import snapshot_download
@@ -51,50 +52,33 @@ def resolve_model_dir(name: str | os.PathLike) -> Path:
         ) from None
 
 
-def lora_config_from_weights(state_dict: Mapping[str, torch.Tensor], source: str) -> LoRAConfig:
-    """The LoRA structure an adapter file implies (rank, components, module names); alpha is the default."""
-    a_keys = [k for k in state_dict if k.endswith(".lora_A")]
-    if not a_keys:
-        raise VoxCPMError(f"{source}: holds no *.lora_A tensors; is it a LoRA checkpoint?")
-    ranks = sorted({int(state_dict[k].shape[0]) for k in a_keys})
-    if len(ranks) > 1:
-        raise VoxCPMError(f"{source}: mixes LoRA ranks {ranks}; add a lora_config.json or re-export the adapter")
-    targets: dict[str, set[str]] = {"lm": set(), "dit": set(), "proj": set()}
-    for key in a_keys:
-        module = key.removesuffix(".lora_A")
-        group = (
-            "lm" if module.startswith(tuple(f"{p}." for p in lora.LM_STACKS))
-            else "dit" if module.startswith(lora.DIT_STACK + ".")
-            else "proj" if "." not in module
-            else None
+def _adapter(path: str | os.PathLike, use_structure: bool) -> tuple[dict[str, torch.Tensor], LoRAConfig, bool]:
+    """Tensors and structure of a LoRA checkpoint folder, and whether the structure was saved with it.
+
+    Without a lora_config.json the structure is read from the tensors and alpha is the default: a warning
+    when that structure is going to be used (``use_structure``).
+    """
+    adapter = read_adapter(path)
+    config = adapter.lora_config()
+    if adapter.config is None and use_structure:
+        warnings.warn(
+            f"{path}: no lora_config.json; LoRA structure read from the weights (r={config.r}), "
+            f"alpha assumed {config.alpha}: pass lora_config= if it was trained with another alpha",
+            stacklevel=3,
         )
-        if group is None:
-            raise VoxCPMError(f"{source}: {key} is not in a part LoRA can adapt (LM stacks, DiT, projections)")
-        targets[group].add(module.rpartition(".")[2])
-    defaults = LoRAConfig()
-    config = LoRAConfig(
-        enable_lm=bool(targets["lm"]),
-        enable_dit=bool(targets["dit"]),
-        enable_proj=bool(targets["proj"]),
-        r=ranks[0],
-        target_modules_lm=sorted(targets["lm"]) or defaults.target_modules_lm,
-        target_modules_dit=sorted(targets["dit"]) or defaults.target_modules_dit,
-        target_proj_modules=sorted(targets["proj"]) or defaults.target_proj_modules,
-    )
-    warnings.warn(
-        f"{source}: no lora_config.json; LoRA structure read from the weights (r={config.r}), "
-        f"alpha assumed {config.alpha}: pass lora_config= if it was trained with another alpha",
-        stacklevel=3,
-    )
-    return config
+    return adapter.tensors, config, adapter.config is not None
 
 
-def _adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoRAConfig]:
-    """Tensors and structure of a LoRA checkpoint folder (structure from lora_config.json, else the tensors)."""
-    state_dict, meta = load_lora_dir(Path(path))
-    if meta is not None:
-        return state_dict, lora.parse_lora_config(meta["lora_config"], source=str(Path(path) / "lora_config.json"))
-    return state_dict, lora_config_from_weights(state_dict, str(path))
+def _check_alpha(layers: set[tuple[int, float]], config: LoRAConfig, path: str | os.PathLike) -> None:
+    """An adapter trained with another alpha than the LoRA layers (r, alpha) it goes into would be scaled
+    wrongly. Only checked when the ranks agree: a rank mismatch is reported by the load, with the shapes."""
+    ranks, alphas = {r for r, _ in layers}, {a for _, a in layers}
+    if ranks == {config.r} and alphas != {config.alpha}:
+        raise VoxCPMError(
+            f"{path}: lora_config.json says alpha={config.alpha:g} but the LoRA structure it is loaded into uses "
+            f"alpha={', '.join(f'{a:g}' for a in sorted(alphas))}, so its update would be scaled wrongly; "
+            f"load it with its own lora_config.json, or set alpha: {config.alpha:g} in the LoRA config you give"
+        )
 
 
 class VoxCPM:
@@ -131,7 +115,9 @@ class VoxCPM:
         model_dir = resolve_model_dir(path if path is not None else hf_model_id)
         adapter = None
         if lora_weights_path is not None:
-            adapter, adapter_config = _adapter(lora_weights_path)
+            adapter, adapter_config, saved = _adapter(lora_weights_path, use_structure=lora_config is None)
+            if lora_config is not None and saved:
+                _check_alpha({(lora_config.r, lora_config.alpha)}, adapter_config, lora_weights_path)
             lora_config = adapter_config if lora_config is None else lora_config
         tts = cls(load_model_dir(model_dir, lora=lora_config, device=device or "auto", dtype=dtype))
         if adapter is not None:
@@ -232,12 +218,14 @@ class VoxCPM:
     def load_lora(self, path: str | os.PathLike) -> tuple[list[str], list[str]]:
         """Load the adapter in a LoRA checkpoint folder in place -> (loaded keys, skipped keys).
 
-        A model loaded without LoRA gets the adapter's structure first. An adapter whose rank, targets
-        or shapes differ from the model's LoRA structure is an error, never a partial load.
+        A model loaded without LoRA gets the adapter's structure first. An adapter whose rank, targets,
+        shapes or saved alpha differ from the model's LoRA structure is an error, never a partial load.
         """
-        state_dict, config = _adapter(path)
+        state_dict, config, saved = _adapter(path, use_structure=not self.lora_enabled)
         if not self.lora_enabled:
             lora.apply_lora(self.model, config)
+        elif saved:
+            _check_alpha({(m.r, m.alpha) for _, m in lora.lora_modules(self.model)}, config, path)
         return lora.load_lora_state_dict(self.model, state_dict, strict=True)
 
     def unload_lora(self) -> None:

@@ -12,13 +12,13 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -233,12 +233,18 @@ def load_model_dir(
     return LoadedModel(config, config_dict, model, vae, tokenizer, model_dir)
 
 
+def check_output_dir(out_dir: Path, overwrite: bool = False) -> None:
+    """An output directory must be new or empty unless ``overwrite`` (checked again by ``atomic_dir``)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (overwrite or (out_dir.is_dir() and not any(out_dir.iterdir()))):
+        raise VoxCPMError(f"{out_dir}: already exists; choose a new output directory or remove it first")
+
+
 @contextmanager
 def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``out_dir``, on failure it is deleted."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not (overwrite or (out_dir.is_dir() and not any(out_dir.iterdir()))):
-        raise VoxCPMError(f"{out_dir}: already exists; choose a new output directory or remove it first")
+    check_output_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
@@ -298,6 +304,43 @@ def write_model_files(
                 shutil.copyfile(tokenizer_dir / name, folder / name)
 
 
+def read_model_weights(model_dir: Path, keys: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """The non-VAE weights of a model directory as stored (dtype kept); only ``keys`` when given (those present).
+
+    From a ``model.safetensors`` only the asked tensors are read, so a few layers of a large model are cheap.
+    """
+    path = _find_file(_require_dir(model_dir, "model directory"), MODEL_FILES, "model weights")
+    if keys is None or path.suffix != ".safetensors":
+        weights = load_state_dict_file(path)
+        return weights if keys is None else {k: weights[k] for k in keys if k in weights}
+    try:
+        with safe_open(path, framework="pt") as f:
+            present = set(f.keys())
+            return {k: f.get_tensor(k) for k in keys if k in present}
+    except (SafetensorError, OSError) as exc:
+        raise VoxCPMError(
+            f"{path}: unreadable safetensors file ({_first_line(exc)}); the file is corrupt or truncated, copy it again"
+        ) from None
+
+
+def save_model_dir_like(
+    out_dir: Path, like_dir: Path, weights: Mapping[str, torch.Tensor], overwrite: bool = False
+) -> Path:
+    """Atomically write a model directory that is ``like_dir`` with its non-VAE weights replaced by ``weights``.
+
+    ``model.safetensors`` holds ``weights`` as given (dtype kept); config.json, the audio VAE file and the
+    tokenizer files are byte copies of ``like_dir``'s.
+    """
+    like_dir = _require_dir(like_dir, "model directory")
+    copies = [like_dir / CONFIG_FILE, _find_file(like_dir, VAE_FILES, "audio VAE weights")]
+    copies += [like_dir / name for name in TOKENIZER_FILES if (like_dir / name).is_file()]
+    with atomic_dir(out_dir, overwrite) as tmp:
+        save_file(_cpu_tensors(weights), tmp / MODEL_FILES[0])
+        for source in copies:
+            shutil.copyfile(source, tmp / source.name)
+    return Path(out_dir)
+
+
 def save_model_dir(
     out_dir: Path,
     model: VoxCPMModel,
@@ -315,10 +358,15 @@ def save_model_dir(
 # ---------------------------------------------------------------------------------------------- LoRA
 
 
+def lora_weights_file(lora_dir: Path) -> Path:
+    """The weights file of a LoRA checkpoint directory (``lora_weights.safetensors`` or ``.ckpt``)."""
+    return _find_file(_require_dir(lora_dir, "LoRA checkpoint directory"), LORA_FILES, "LoRA weights")
+
+
 def load_lora_dir(lora_dir: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(adapter tensors, the ``lora_config.json`` object or None) of a LoRA checkpoint directory."""
-    lora_dir = _require_dir(lora_dir, "LoRA checkpoint directory")
-    state_dict = load_state_dict_file(_find_file(lora_dir, LORA_FILES, "LoRA weights"))
+    lora_dir = Path(lora_dir)
+    state_dict = load_state_dict_file(lora_weights_file(lora_dir))
     meta_path = lora_dir / LORA_CONFIG_FILE
     if not meta_path.is_file():
         return state_dict, None

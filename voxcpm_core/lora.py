@@ -16,11 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.models.linear import linear
 
 LM_STACKS = ("base_lm", "residual_lm")
 DIT_STACK = "feat_decoder.estimator"
 ATTENTION_PROJECTIONS = ["q_proj", "v_proj", "k_proj", "o_proj"]
 BRIDGE_PROJECTIONS = ["enc_to_lm_proj", "lm_to_dit_proj", "res_to_dit_proj"]
+COMPONENTS = ("base_lm", "residual_lm", "dit", "proj")  # where adapters can sit (``component_of``)
 
 
 class LoRAConfig(BaseModel):
@@ -82,15 +84,86 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         update = F.linear(F.linear(x, self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + self.lora_dropout(update) * self.scaling
+        return linear(x, self.weight, self.bias) + self.lora_dropout(update) * self.scaling
 
     def merged_weight(self) -> torch.Tensor:
         """W + scaling * B A, computed in float32, in the weight's dtype."""
-        delta = self.scaling.float() * (self.lora_B.float() @ self.lora_A.float())
-        return (self.weight.float() + delta).to(self.weight.dtype)
+        return merged_weight(self.weight, self.lora_A, self.lora_B, self.scaling)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}"
+
+
+def merged_weight(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float | torch.Tensor
+) -> torch.Tensor:
+    """W [out, in] + scaling * B [out, r] @ A [r, in], computed in float32, returned in W's dtype."""
+    delta = torch.as_tensor(scaling).float() * (lora_B.float() @ lora_A.float())
+    return (weight.float() + delta).to(weight.dtype)
+
+
+def update_norm(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> float:
+    """||scaling * B A||_F without forming B A: ||B A||_F^2 = sum((B^T B) * (A A^T)), both [r, r]."""
+    A, B = lora_A.double(), lora_B.double()
+    return abs(scaling) * float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt())
+
+
+def component_of(module: str) -> str | None:
+    """The part of the model an adapted linear belongs to: a COMPONENTS entry, or None for any other place."""
+    for stack in LM_STACKS:
+        if module.startswith(stack + "."):
+            return stack
+    if module.startswith(DIT_STACK + "."):
+        return "dit"
+    return "proj" if "." not in module else None
+
+
+def split_adapter(
+    state_dict: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str], list[str]]:
+    """(module -> (lora_A, lora_B), keys whose partner is missing, keys that are not LoRA tensors)."""
+    pairs, half = {}, []
+    for key in state_dict:
+        module, _, part = key.rpartition(".")
+        if part not in ("lora_A", "lora_B") or module in pairs:
+            continue
+        a_key, b_key = f"{module}.lora_A", f"{module}.lora_B"
+        if a_key in state_dict and b_key in state_dict:
+            pairs[module] = (state_dict[a_key], state_dict[b_key])
+        else:
+            half.append(key)
+    foreign = [k for k in state_dict if not k.endswith((".lora_A", ".lora_B"))]
+    return pairs, half, foreign
+
+
+def infer_lora_config(state_dict: Mapping[str, torch.Tensor], source: str) -> LoRAConfig:
+    """The LoRA structure an adapter's tensors imply (rank, components, leaf names); alpha stays the default."""
+    pairs, _, _ = split_adapter(state_dict)
+    if not pairs:
+        raise VoxCPMError(f"{source}: holds no lora_A/lora_B tensor pairs; is it a LoRA checkpoint?")
+    ranks = sorted({int(a.shape[0]) for a, _ in pairs.values()})
+    if len(ranks) > 1:
+        raise VoxCPMError(
+            f"{source}: mixes LoRA ranks {ranks}; add a lora_config.json or re-export the adapter"
+        )
+    targets: dict[str, set[str]] = {"lm": set(), "dit": set(), "proj": set()}
+    for module in pairs:
+        component = component_of(module)
+        if component is None:
+            raise VoxCPMError(
+                f"{source}: {module} is not in a part LoRA can adapt (base_lm, residual_lm, the DiT, projections)"
+            )
+        targets["lm" if component in LM_STACKS else component].add(module.rpartition(".")[2])
+    defaults = LoRAConfig()
+    return LoRAConfig(
+        enable_lm=bool(targets["lm"]),
+        enable_dit=bool(targets["dit"]),
+        enable_proj=bool(targets["proj"]),
+        r=ranks[0],
+        target_modules_lm=sorted(targets["lm"]) or defaults.target_modules_lm,
+        target_modules_dit=sorted(targets["dit"]) or defaults.target_modules_dit,
+        target_proj_modules=sorted(targets["proj"]) or defaults.target_proj_modules,
+    )
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

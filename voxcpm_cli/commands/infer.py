@@ -1,4 +1,5 @@
-"""`voxcpm infer`: speak a text with a model directory, optionally in the voice of a prompt recording."""
+"""`voxcpm infer`: speak texts with a model directory, optionally in the voice of a prompt recording,
+optionally under one or several LoRA adapters (swapped in place: one model load for everything)."""
 
 from __future__ import annotations
 
@@ -8,49 +9,167 @@ from typing import Annotated
 
 import typer
 
-from voxcpm_cli.options import CkptDir, Device, DeviceChoice, Dtype, DtypeChoice
+from voxcpm_cli.options import Device, DeviceChoice, Dtype, DtypeChoice
 
 
 def infer(
-    ckpt_dir: CkptDir,
-    text: Annotated[str, typer.Option("--text", help="The text to speak.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="WAV file to write (at the model's sample rate).")],
+    ckpt_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--ckpt-dir",
+            help="Model directory (config.json, model.safetensors, audiovae.pth, tokenizer); with --lora-ckpt "
+            "the default is the adapter's base_model.",
+        ),
+    ] = None,
+    text: Annotated[str | None, typer.Option("--text", help="The text to speak.")] = None,
+    text_file: Annotated[
+        Path | None,
+        typer.Option("--text-file", help="Speak every non-blank line (0001.wav, ...); needs --output-dir."),
+    ] = None,
+    batch: Annotated[
+        Path | None,
+        typer.Option(
+            "--batch",
+            help='JSONL, one {"text", "prompt_audio", "prompt_text", "id"} per line (only text required); '
+            "needs --output-dir.",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="WAV file to write for --text (at the model's sample rate)."),
+    ] = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-dir",
+            help="Folder for <id>.wav files; one subfolder per adapter with several --lora-ckpt.",
+        ),
+    ] = None,
+    lora_ckpt: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--lora-ckpt",
+            metavar="DIR",
+            help="LoRA checkpoint folder; repeat it to render every text under every adapter (hot-swapped).",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Training YAML of the adapter: lora: gives its structure, pretrained_path the base.",
+        ),
+    ] = None,
     prompt_audio: Annotated[
-        Path | None, typer.Option(help="Recording of the voice to clone (any sample rate / channels); needs --prompt-text.")
+        Path | None,
+        typer.Option(
+            help="Recording of the voice to clone (any sample rate / channels); needs --prompt-text."
+        ),
     ] = None,
     prompt_text: Annotated[str | None, typer.Option(help="Transcript of --prompt-audio.")] = None,
     cfg_value: Annotated[float, typer.Option(help="Classifier-free guidance strength.")] = 2.0,
     inference_timesteps: Annotated[int, typer.Option(min=1, help="Flow-matching steps per patch.")] = 10,
-    min_len: Annotated[int, typer.Option(min=0, help="Patches generated before the stop head may end the speech.")] = 2,
+    min_len: Annotated[
+        int, typer.Option(min=0, help="Patches generated before the stop head may end the speech.")
+    ] = 2,
     max_len: Annotated[
         int, typer.Option(min=1, help="Most patches to generate (also capped at 6 per text token + 10).")
     ] = 4096,
-    seed: Annotated[int | None, typer.Option(min=0, help="Random seed; one is drawn (and printed) when not given.")] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(min=0, help="Random seed (the same for every text); drawn and printed when not given."),
+    ] = None,
     retry_badcase: Annotated[
         bool,
-        typer.Option("--retry-badcase/--no-retry-badcase", help="Redo a run that never stopped, with seed+1 (3 tries)."),
+        typer.Option(
+            "--retry-badcase/--no-retry-badcase", help="Redo a run that never stopped, with seed+1 (3 tries)."
+        ),
     ] = True,
     device: Device = DeviceChoice.auto,
     dtype: Dtype = DtypeChoice.auto,
 ) -> None:
-    """Synthesize TEXT into a WAV file; with --prompt-audio/--prompt-text, clone that voice."""
-    from voxcpm_core.api import VoxCPM  # torch loads only when a command runs
-    from voxcpm_core.audio import write_wav
-    from voxcpm_core.inference import SamplingOptions, check_prompt_args, new_seed
+    """Synthesize speech into WAV files; with --prompt-audio/--prompt-text, clone that voice.
 
-    check_prompt_args(prompt_audio, prompt_text)  # fail before the slow model load
+    One text: --text ... --output out.wav. Many: --text-file or --batch with --output-dir (one model load).
+    """
+    from voxcpm_core.inference import SamplingOptions, new_seed  # torch loads only when a command runs
+    from voxcpm_core.lora_tools import training_lora_settings
+    from voxcpm_core.render import load_for_adapters, read_utterances, render
+
+    adapters = lora_ckpt or []
+    _check_usage(
+        text, text_file, batch, output, output_dir, adapters, config, ckpt_dir, prompt_audio, prompt_text
+    )
+    # texts, prompts and the LoRA config are checked before the (slow) model load
+    utterances = read_utterances(text, text_file, batch, prompt_audio, prompt_text, output)
+    lora_config, yaml_base = training_lora_settings(config) if config is not None else (None, None)
     options = SamplingOptions(cfg_value, inference_timesteps, min_len, max_len, retry_badcase)
-    tts = VoxCPM.from_pretrained(
-        ckpt_dir, device=device.value, dtype=None if dtype is DtypeChoice.auto else dtype.value
-    )
     seed = new_seed() if seed is None else seed
+
     start = time.perf_counter()
-    result = tts.synthesize(text, prompt_audio, prompt_text, seed, options)
-    elapsed = time.perf_counter() - start
-    write_wav(output, result.wav, result.sample_rate)
-    duration = len(result.wav) / result.sample_rate
-    retries = f" (bad case: {result.tries} tries, the last with seed {seed + result.tries - 1})" if result.tries > 1 else ""
-    typer.echo(
-        f"wrote {output}: {duration:.2f} s of audio at {result.sample_rate} Hz in {elapsed:.2f} s "
-        f"(RTF {elapsed / duration:.2f}), seed {seed}{retries}"
+    tts = load_for_adapters(
+        adapters,
+        ckpt_dir if ckpt_dir is not None else yaml_base,
+        lora_config,
+        device.value,
+        None if dtype is DtypeChoice.auto else dtype.value,
     )
+    count = 0
+    for done in render(tts, utterances, output_dir or Path("."), adapters, options, seed):
+        count += 1
+        sr = tts.sample_rate
+        retries = (
+            f" (bad case: {done.tries} tries, the last with seed {seed + done.tries - 1})"
+            if done.tries > 1
+            else ""
+        )
+        typer.echo(
+            f"wrote {done.path}: {done.seconds:.2f} s of audio at {sr} Hz in {done.elapsed:.2f} s "
+            f"(RTF {done.elapsed / max(done.seconds, 1e-9):.2f}), seed {seed}{retries}"
+        )
+    if count > 1:
+        grid = f" ({len(utterances)} texts x {len(adapters)} adapters)" if len(adapters) > 1 else ""
+        typer.echo(
+            f"rendered {count} files{grid} into {output_dir} in {time.perf_counter() - start:.1f} s with one model load"
+        )
+
+
+def _check_usage(
+    text, text_file, batch, output, output_dir, adapters, config, ckpt_dir, prompt_audio, prompt_text
+) -> None:
+    """Option combinations that cannot work: usage errors (exit 2) before anything loads."""
+    sources = [
+        name for name, value in (("--text", text), ("--text-file", text_file), ("--batch", batch)) if value
+    ]
+    if len(sources) != 1:
+        raise typer.BadParameter(
+            "give exactly one of them", param_hint="'--text' / '--text-file' / '--batch'"
+        )
+    if output is not None and output_dir is not None:
+        raise typer.BadParameter("give one of them, not both", param_hint="'--output' / '--output-dir'")
+    if text is None and output_dir is None:
+        raise typer.BadParameter(
+            f"{sources[0]} writes one file per text: pass --output-dir", param_hint="'--output-dir'"
+        )
+    if text is not None and output is None and output_dir is None:
+        raise typer.BadParameter("where to write the audio: --output FILE.wav", param_hint="'--output'")
+    if len(adapters) > 1 and output is not None:
+        raise typer.BadParameter(
+            "several --lora-ckpt write one file per adapter: pass --output-dir instead",
+            param_hint="'--output'",
+        )
+    if batch is not None and (prompt_audio or prompt_text):
+        raise typer.BadParameter(
+            "--batch takes prompts per line (prompt_audio, prompt_text)",
+            param_hint="'--prompt-audio' / '--prompt-text'",
+        )
+    if config is not None and not adapters:
+        raise typer.BadParameter(
+            "the LoRA config needs the adapter's weights: add --lora-ckpt DIR", param_hint="'--config'"
+        )
+    if ckpt_dir is None and not adapters:
+        raise typer.BadParameter(
+            "which model? pass --ckpt-dir (or --lora-ckpt, whose base_model is used)",
+            param_hint="'--ckpt-dir'",
+        )
