@@ -1,11 +1,20 @@
-"""Generation speed at the real VoxCPM1.5 size (random weights, CPU): prints one JSON object.
+"""Generation speed at the real VoxCPM1.5 size beside this machine's weight-streaming limit; prints one JSON object.
 
     python bench/infer.py [--threads 2] [--seconds 3] [--timesteps 10] [--dtypes float32 bfloat16]
+                          [--machine-seconds 0.5] [--model-dir ../shared/models/VoxCPM1.5]
 
-Per dtype: seconds per generated patch of the AR loop (prefill included), VAE decode time, real-time
-factor of the whole non-streaming generation, and time to first audio of a streaming generation.
+Random weights (built from config.json, nothing is read from disk but the config and tokenizer), CPU.
+Per dtype: seconds per generated patch of the AR loop (median over the patches after the first, so
+robust to other load; the mean includes the prefill), VAE decode time, real-time factor of the whole
+non-streaming generation, time to first audio of a streaming generation, and the weight bytes one patch
+streams (counted from the linear layers that ran: base LM step, residual LM step, local encoder, the
+LocDiT once per non-zero Euler step, projections). ``achieved_gbs`` = those bytes / median s per patch,
+beside the machine's matrix-vector weight-streaming GB/s for the dtype (bench/machine.py, measured in the
+same run): generation is memory-bound, so that fraction is how close it runs to the machine.
 The stop head of random weights is meaningless, so min_len = max_len = the patches of ``--seconds``.
-The reference implementation's timings (same machine kind, float32, 2 threads) are shown beside.
+``bfloat16_vs_float32``: the same seed and weights (bf16-rounded) in both dtypes, relative L2 differences
+of the latents and waveform, beside what rounding the float32 latents to bf16 alone gives.
+``other_cpu_load``: cores used by other processes meanwhile; above ~0.1 the timings are noisy.
 """
 
 from __future__ import annotations
@@ -14,25 +23,50 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from voxcpm_core import inference
 from voxcpm_core.checkpoint import load_tokenizer, read_model_config
 from voxcpm_core.models.audio_vae import AudioVAE
 from voxcpm_core.models.voxcpm import VoxCPMModel
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import weight_stream_gbs  # noqa: E402
+from train import OtherLoad  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TEXT = "The quick brown fox jumps over the lazy dog near the quiet river bank."
+GOALS_S_PER_PATCH = {"float32": ("reference", 1.0), "bfloat16": ("absolute", 0.35)}  # issue 6
 
 
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def measure(model, vae, tokenizer, patches: int, timesteps: int) -> dict:
+def weight_bytes_of_one_patch(steps) -> int:
+    """Bytes of linear-layer weights read while ``steps`` (a decode_steps iterator) makes its next patch."""
+    total = 0
+
+    def count(module, args):
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+
+    handle = nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        next(steps)
+    finally:
+        handle.remove()
+    return total
+
+
+def measure(model, vae, tokenizer, patches: int, timesteps: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """-> (figures, generated patches [n, P, D] float32, waveform)."""
     cfg = model.config
     opts = inference.SamplingOptions(
         inference_timesteps=timesteps, min_len=patches, max_len=patches, retry_badcase=False
@@ -40,6 +74,12 @@ def measure(model, vae, tokenizer, patches: int, timesteps: int) -> dict:
     inputs = inference.prepare_inputs(tokenizer, TEXT, None, cfg.patch_size, cfg.feat_dim)
     assert inference.max_patches(inputs.target_tokens, patches) == patches, "text too short for --seconds"
 
+    steps = inference.decode_steps(model, inputs, opts, 3, torch.Generator().manual_seed(0))
+    next(steps)
+    weight_bytes = weight_bytes_of_one_patch(steps)
+
+    load = OtherLoad()
+    load.start()
     start = time.perf_counter()  # time to first audio: prefill, one patch, its decode
     first = next(inference.generate_streaming(model, vae, tokenizer, TEXT, None, opts, seed=0))
     ttfa = time.perf_counter() - start
@@ -52,26 +92,57 @@ def measure(model, vae, tokenizer, patches: int, timesteps: int) -> dict:
         stamps.append(time.perf_counter())
     ar_s = stamps[-1] - start
     per_patch = sorted(b - a for a, b in zip(stamps[1:-1], stamps[2:], strict=True))  # after the first (prefill) patch
-    wav = inference.decode_patches(vae, torch.stack([s.patch for s in steps]))
+    generated = torch.stack([s.patch for s in steps]).float()
+    wav = inference.decode_patches(vae, generated)
     total_s = time.perf_counter() - start
+    other_load = load.stop()
     audio_s = len(wav) / vae.sample_rate
-    return {
+    median = per_patch[len(per_patch) // 2]
+    figures = {
         "text_tokens": inputs.target_tokens,
         "patches": len(steps),
         "audio_seconds": round(audio_s, 3),
         "first_chunk_samples": len(first),
         "time_to_first_audio_s": round(ttfa, 3),
         "ar_loop_s": round(ar_s, 3),
-        "s_per_patch_ar": round(ar_s / len(steps), 4),
-        "s_per_patch_median": round(per_patch[len(per_patch) // 2], 4),  # robust to other load on the cores
+        "s_per_patch_ar": round(ar_s / len(steps), 4),  # the reference's figure: prefill included
+        "s_per_patch_median": round(median, 4),
         "s_per_patch_min": round(per_patch[0], 4),
+        "weight_gb_per_patch": round(weight_bytes / 1e9, 3),
+        "achieved_gbs": round(weight_bytes / median / 1e9, 2),
         "decode_s": round(total_s - ar_s, 3),
         "total_s": round(total_s, 3),
         "rtf_total": round(total_s / audio_s, 3),
         "finite_audio": bool(torch.isfinite(wav).all()),
-        "load_average_1min_after": round(os.getloadavg()[0], 2),  # other processes on the cores skew timings
+        "other_cpu_load": round(other_load, 2),
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
         "peak_rss_gib": round(_peak_rss_gib(), 2),
     }
+    return figures, generated, wav
+
+
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def bf16_vs_fp32(fp32: tuple[torch.Tensor, torch.Tensor], bf16: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """How far the bf16 generation lands from the float32 one (same seed, bf16-rounded weights)."""
+    (patches32, wav32), (patches16, wav16) = fp32, bf16
+    return {
+        "first_patch_rel_l2": round(relative_l2(patches16[0], patches32[0]), 4),
+        "latents_rel_l2": round(relative_l2(patches16, patches32), 4),
+        "wav_rel_l2": round(relative_l2(wav16, wav32), 4),
+        "bf16_rounding_of_fp32_latents_rel_l2": round(relative_l2(patches32.bfloat16(), patches32), 4),
+    }
+
+
+def check_goal(dtype: str, run: dict, reference: dict | None) -> dict | None:
+    kind, value = GOALS_S_PER_PATCH.get(dtype, (None, None))
+    if kind is None or (kind == "reference" and reference is None):
+        return None
+    limit = value * reference["s_per_patch_ar"] if kind == "reference" else value
+    return {"figure": "s_per_patch_median", "at_most": limit, "met": run["s_per_patch_median"] <= limit}
 
 
 def main() -> None:
@@ -81,7 +152,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--timesteps", type=int, default=10)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--machine-seconds", type=float, default=0.5, help="per machine-limit figure; 0 skips them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = round(os.getloadavg()[0], 2)
@@ -94,14 +166,28 @@ def main() -> None:
     vae = AudioVAE(config.audio_vae_config).eval()
     build_s = time.perf_counter() - start
     patches = round(args.seconds * config.sample_rate / config.patch_samples)
+    reference = None
+    if args.reference.is_file():
+        ref = next(r for r in json.loads(args.reference.read_text())["runs"] if r["mode"] == "generate")
+        reference = {k: ref[k] for k in ("patches", "s_per_patch_ar", "decode_s", "total_s", "rtf_total")}
 
-    runs = {}
-    for name in args.dtypes:
-        model.to(getattr(torch, name))
+    runs, outputs = {}, {}
+    for name in sorted(args.dtypes, key=["float32", "bfloat16"].index):  # float32 first: .to() rounds the weights
+        dtype = getattr(torch, name)
+        model.to(dtype)
         measure(model, vae, tokenizer, 2, args.timesteps)  # warm-up
-        runs[name] = measure(model, vae, tokenizer, patches, args.timesteps)
+        run, *outputs[name] = measure(model, vae, tokenizer, patches, args.timesteps)
+        if args.machine_seconds > 0:
+            limit = weight_stream_gbs(dtype, args.machine_seconds, rows=1)["peak_gbs"]  # right after the run
+            run["machine_stream_gbs"] = round(limit, 2)
+            run["fraction_of_stream_limit"] = round(run["achieved_gbs"] / limit, 3)
+        if reference is not None:
+            run["speedup_vs_reference_s_per_patch"] = round(reference["s_per_patch_ar"] / run["s_per_patch_median"], 2)
+        run["goal"] = check_goal(name, run, reference)
+        runs[name] = run
 
     result = {
+        "torch": torch.__version__,
         "model": str(args.model_dir / "config.json"),
         "params_no_vae": sum(p.numel() for p in model.parameters()),
         "params_vae": sum(p.numel() for p in vae.parameters()),
@@ -111,14 +197,10 @@ def main() -> None:
         "build_s": round(build_s, 2),
         "runs": runs,
     }
-    if args.reference.is_file():
-        ref = next(r for r in json.loads(args.reference.read_text())["runs"] if r["mode"] == "generate")
-        result["reference_float32"] = {k: ref[k] for k in ("patches", "s_per_patch_ar", "decode_s", "total_s", "rtf_total")}
-        if "float32" in runs:
-            result["speedup_vs_reference_float32"] = {
-                "s_per_patch_ar": round(ref["s_per_patch_ar"] / runs["float32"]["s_per_patch_ar"], 2),
-                "rtf_total": round(ref["rtf_total"] / runs["float32"]["rtf_total"], 2),
-            }
+    if len(outputs) == 2:
+        result["bfloat16_vs_float32"] = bf16_vs_fp32(outputs["float32"], outputs["bfloat16"])
+    if reference is not None:
+        result["reference_float32"] = reference
     print(json.dumps(result, indent=1))
 
 

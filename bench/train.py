@@ -1,17 +1,33 @@
-"""Seconds per optimizer step and peak RSS of fine-tuning at the real VoxCPM1.5 size; prints one JSON object.
+"""Training-step speed and peak RSS at the real VoxCPM1.5 size, beside this machine's limits; prints one JSON object.
 
-    python bench/train.py [--modes lora full] [--steps 3] [--threads 2] [--config ../shared/models/VoxCPM1.5/config.json]
+    python bench/train.py [--runs lora lora-bf16 lora-gc full] [--steps 3] [--threads 2]
+                          [--machine-seconds 0.5] [--config ../shared/models/VoxCPM1.5/config.json]
 
-Random weights (the model is built from config.json, nothing is read or written on disk), CPU float32,
-a fixed batch of 2 samples of 30 text tokens + 5.12 s of audio given as latents (no VAE), the trainer's
-own loss, clipping, fused AdamW and in-place zero_grad. optim_s includes zero_grad. LoRA: r 32, alpha 64, LM + DiT q/k/v/o. Each mode runs in its own process
-so its peak RSS is its own. Compared with the reference's timings in refperf_voxcpm15_cpu2t.json.
+Random weights (the model is built from config.json, nothing is read or written on disk), CPU, a fixed
+batch of 2 samples of 30 text tokens + 5.12 s of audio given as latents (no VAE is built), and the
+trainer's own pieces: flow-matching draws, loss, precision setup, gradient checkpointing, clipping,
+fused AdamW and gradient clearing. Runs (each in its own fresh process, so its peak RSS is its own):
+
+    lora       LoRA r 32, alpha 64 on LM + DiT q/k/v/o, float32
+    lora-bf16  the same with ``precision: bf16``
+    lora-gc    the same as lora with ``gradient_checkpointing: true``
+    full       full fine-tuning, float32
+
+Per run: seconds of forward, backward, clip, AdamW (+ clearing grads) per step (medians over --steps after
+a warm-up step), peak RSS of the process, the matmul FLOPs of a step counted from the shapes that ran
+(torch's FlopCounterMode, recomputation included), and the FLOP/s achieved by forward+backward as a
+fraction of the machine's matmul peak for the run's dtype (bench/machine.py, measured first in the same
+invocation). ``other_cpu_load`` is the average number of cores other processes used meanwhile: above
+~0.1 the timings are noisy. Goals and reference timings come from issue 6 / refperf_voxcpm15_cpu2t.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import resource
 import statistics
 import subprocess
@@ -20,41 +36,104 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DEFAULT_CONFIG = SHARED / "models" / "VoxCPM1.5" / "config.json"
 REFERENCE = SHARED / "fixtures" / "official" / "refperf_voxcpm15_cpu2t.json"
 TEXT_TOKENS, AUDIO_SECONDS, BATCH = 30, 5.12, 2
+RUNS = {
+    "lora": dict(lora=True, precision="fp32", checkpointing=False),
+    "lora-bf16": dict(lora=True, precision="bf16", checkpointing=False),
+    "lora-gc": dict(lora=True, precision="fp32", checkpointing=True),
+    "full": dict(lora=False, precision="fp32", checkpointing=False),
+}
+# issue 6's goals: (figure, at most, as a fraction of the reference's figure or None for an absolute value)
+GOALS = {
+    "lora": [("median_fwd_bwd_s", 0.6, "median_fwd_bwd_s")],
+    "lora-bf16": [("median_fwd_bwd_s", 0.35, "median_fwd_bwd_s")],
+    "lora-gc": [("peak_rss_gib", 4.3, None)],
+    "full": [("median_step_s", 0.7, "step_s"), ("peak_rss_gib", 1.0, "peak_rss_gib")],
+}
+
+
+# ---------------------------------------------------------------------------------------------- measuring
 
 
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def run_mode(mode: str, config_path: Path, steps: int, threads: int) -> dict:
+class OtherLoad:
+    """Cores used by other processes between start() and stop(), from /proc/stat minus this process."""
+
+    def _busy_s(self) -> float:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def _own_s(self) -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def start(self) -> None:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy_s(), self._own_s()
+
+    def stop(self) -> float:
+        wall = time.perf_counter() - self.t0
+        return max(0.0, (self._busy_s() - self.busy0) - (self._own_s() - self.own0)) / wall
+
+
+def _register_flop_formulas() -> None:
+    """FLOPs of the ops FlopCounterMode does not know: oneDNN linears and CPU flash attention (GQA aware)."""
+
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _linear(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
+
+    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+    def _attention(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+        b, h, s_q, d = q_shape
+        return 4 * b * h * s_q * k_shape[2] * d  # QK^T and PV
+
+    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _attention_backward(grad_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+        b, h, s_q, d = q_shape
+        return 10 * b * h * s_q * k_shape[2] * d  # recompute P, then dV, dP, dQ, dK
+
+
+def run_one(name: str, config_path: Path, steps: int, threads: int) -> dict:
     from voxcpm_core.config import parse_model_config
     from voxcpm_core.data.batch import collate
     from voxcpm_core.lora import LoRAConfig, apply_lora
+    from voxcpm_core.memory import keep_freed_memory
     from voxcpm_core.models.voxcpm import VoxCPMModel
     from voxcpm_core.training.config import LossWeights
     from voxcpm_core.training.optim import build_optimizer, select_trainable
+    from voxcpm_core.training.precision import resolve_precision, store_frozen_linears_in_bf16
     from voxcpm_core.training.trainer import patch_sums, sample_draws, weighted_loss_sum
 
+    spec = RUNS[name]
+    if spec["lora"]:
+        keep_freed_memory()  # as voxcpm_core.training.trainer.train does for LoRA on CPU
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    device = torch.device("cpu")
     config = parse_model_config(json.loads(config_path.read_text()), source=str(config_path))
     start = time.perf_counter()
-    model = VoxCPMModel(config).float()
-    lora = None
-    if mode == "lora":
-        lora = LoRAConfig(enable_lm=True, enable_dit=True, r=32, alpha=64)
+    model = VoxCPMModel(config)
+    lora = LoRAConfig(enable_lm=True, enable_dit=True, r=32, alpha=64) if spec["lora"] else None
+    if lora:
         apply_lora(model, lora)
     model.train()
-    trainable = select_trainable(model, lora=mode == "lora")
+    trainable = select_trainable(model, lora=lora is not None)
+    precision = resolve_precision(spec["precision"], device)
+    if precision.bf16 and lora:
+        store_frozen_linears_in_bf16(model)
+    model.set_gradient_checkpointing(spec["checkpointing"])
     optimizer = build_optimizer(trainable, 1e-5, 0.01)
     build_s = time.perf_counter() - start
-    rss_after_build = _peak_rss_gib()
 
     patches = round(AUDIO_SECONDS * config.sample_rate / config.patch_samples)  # 32 at 6.25 Hz
     gen = torch.Generator().manual_seed(0)
@@ -67,43 +146,66 @@ def run_mode(mode: str, config_path: Path, steps: int, threads: int) -> dict:
     lambdas, params = LossWeights(), [p for _, p in trainable]
     total_patches = float(batch.loss_mask.sum())
 
-    runs = []
-    for step in range(steps + 1):  # the first step warms up (allocations, lazy init)
-        t0 = time.perf_counter()
-        out = model(batch, sample_draws(batch, config.dit_config.cfm_config, 0, step, torch.device("cpu")))
-        loss = weighted_loss_sum(patch_sums(out, batch), lambdas) / total_patches
+    def step(index: int, flops: dict | None = None) -> dict:
+        """One optimizer step as the trainer takes it; with ``flops`` its matmul FLOPs are counted into it."""
+        counters = {"forward": FlopCounterMode(display=False), "backward": FlopCounterMode(display=False)}
+        counting = (lambda phase: counters[phase]) if flops is not None else (lambda phase: contextlib.nullcontext())
+        draws = sample_draws(batch, config.dit_config.cfm_config, 0, index, device)
+        usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        with counting("forward"), precision.autocast(device):
+            out = model(batch, draws)
+            loss = weighted_loss_sum(patch_sums(out, batch), lambdas) / total_patches
         t1 = time.perf_counter()
-        loss.backward()
+        with counting("backward"):
+            loss.backward()
         t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         t3 = time.perf_counter()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=False)  # as the trainer does
-        t4 = time.perf_counter()
-        runs.append(dict(fwd_s=t1 - t0, bwd_s=t2 - t1, clip_s=t3 - t2, optim_s=t4 - t3, step_s=t4 - t0, loss=float(loss)))
-    measured = runs[1:]
+        optimizer.zero_grad(set_to_none=True)
+        t4, usage1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        if flops is not None:
+            flops.update({phase: counter.get_total_flops() for phase, counter in counters.items()})
+        return dict(fwd_s=t1 - t0, bwd_s=t2 - t1, clip_s=t3 - t2, optim_s=t4 - t3, step_s=t4 - t0, loss=float(loss),
+                    sys_s=usage1.ru_stime - usage0.ru_stime, page_faults=usage1.ru_minflt - usage0.ru_minflt)
+
+    _register_flop_formulas()
+    flops: dict = {}
+    warmup = step(0, flops)  # the first step also allocates optimizer state; its FLOPs are counted
+    load = OtherLoad()
+    load.start()
+    measured = [step(i) for i in range(1, steps + 1)]
+    fwd_bwd = statistics.median(r["fwd_s"] + r["bwd_s"] for r in measured)
+    step_gflop = (flops["forward"] + flops["backward"]) / 1e9
     return {
-        "mode": mode,
-        "lora": lora.model_dump() if lora else None,
+        "run": name,
+        **spec,
+        "lora_config": lora.model_dump() if lora else None,
+        "precision_used": "bf16" if precision.bf16 else "fp32",
         "total_params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for _, p in trainable),
         "batch": {"B": BATCH, "seq_len": int(batch.text_tokens.shape[1]), "text_tokens": TEXT_TOKENS,
                   "audio_patches": patches, "audio_seconds": AUDIO_SECONDS},
         "threads": threads,
         "build_s": build_s,
-        "rss_after_build_gib": rss_after_build,
-        "warmup_step": runs[0],
+        "warmup_step": warmup,
         "measured_steps": measured,
-        "median_fwd_bwd_s": statistics.median(r["fwd_s"] + r["bwd_s"] for r in measured),
+        "median_fwd_bwd_s": fwd_bwd,
         "median_clip_s": statistics.median(r["clip_s"] for r in measured),
         "median_optim_s": statistics.median(r["optim_s"] for r in measured),
         "median_step_s": statistics.median(r["step_s"] for r in measured),
         "peak_rss_gib": _peak_rss_gib(),
+        "matmul_gflop_per_step": {"forward": flops["forward"] / 1e9, "backward": flops["backward"] / 1e9},
+        "fwd_bwd_gflops": step_gflop / fwd_bwd,
+        "other_cpu_load": load.stop(),
     }
 
 
+# ---------------------------------------------------------------------------------------------- comparing
+
+
 def reference_numbers() -> dict:
-    """The reference's fwd+bwd and AdamW seconds and peak RSS per mode (None when the file is absent)."""
+    """The reference's fwd+bwd and AdamW seconds and peak RSS per training mode (empty when the file is absent)."""
     if not REFERENCE.is_file():
         return {}
     found = {}
@@ -118,33 +220,67 @@ def reference_numbers() -> dict:
     return found
 
 
+def compare(result: dict, reference: dict, machine: dict | None) -> dict:
+    """Add the reference's figures, the goals and the fraction of the machine's matmul peak to one run."""
+    name = result["run"]
+    ref = reference.get("lora" if result["lora"] else "full")
+    if ref:
+        result["reference"] = ref
+        result["fwd_bwd_vs_reference"] = result["median_fwd_bwd_s"] / ref["median_fwd_bwd_s"]
+        result["step_vs_reference"] = result["median_step_s"] / ref["step_s"]
+    if machine:
+        dtype = "bfloat16" if result["precision_used"] == "bf16" else "float32"
+        peak = machine[f"matmul_gflops_{dtype}"]
+        result["machine_matmul_peak_gflops"] = peak
+        result["fraction_of_matmul_peak"] = result["fwd_bwd_gflops"] / peak
+    goals = []
+    for figure, limit, ref_figure in GOALS.get(name, []):
+        if ref_figure is not None:
+            if not ref:
+                continue
+            limit = limit * ref[ref_figure]
+        goals.append({"figure": figure, "at_most": limit, "value": result[figure], "met": result[figure] <= limit})
+    result["goals"] = goals
+    return result
+
+
+def _child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"bench/train.py {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
-    parser.add_argument("--steps", type=int, default=3, help="measured steps per mode (after one warm-up step)")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per run (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--machine-seconds", type=float, default=0.5, help="per machine-limit figure; 0 skips them")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--one", choices=["lora", "full"], help=argparse.SUPPRESS)  # child process: one mode
+    parser.add_argument("--one", choices=list(RUNS), help=argparse.SUPPRESS)  # child process: one run
+    parser.add_argument("--machine-only", action="store_true", help=argparse.SUPPRESS)  # child: the limits
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_mode(args.one, args.config, args.steps, args.threads)))
+        print(json.dumps(run_one(args.one, args.config, args.steps, args.threads)))
+        return
+    if args.machine_only:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from machine import measure_limits, summary
+
+        limits = measure_limits(args.threads, args.machine_seconds)
+        print(json.dumps({"summary": summary(limits), **limits}))
         return
 
+    machine = None
+    if args.machine_seconds > 0:
+        machine = _child(["--machine-only", "--threads", str(args.threads), "--machine-seconds", str(args.machine_seconds)])
     reference = reference_numbers()
     results = []
-    for mode in args.modes:
-        cmd = [sys.executable, __file__, "--one", mode, "--steps", str(args.steps),
-               "--threads", str(args.threads), "--config", str(args.config)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"bench/train.py: the {mode} run failed:\n{proc.stderr[-3000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        ref = reference.get(mode)
-        if ref:
-            result["reference"] = ref
-            result["speedup_vs_reference"] = ref["step_s"] / result["median_step_s"]
-        results.append(result)
-    print(json.dumps({"torch": torch.__version__, "config": str(args.config), "runs": results}, indent=1))
+    for name in args.runs:
+        result = _child(["--one", name, "--steps", str(args.steps), "--threads", str(args.threads), "--config", str(args.config)])
+        results.append(compare(result, reference, machine["summary"] if machine else None))
+    print(json.dumps({"torch": torch.__version__, "config": str(args.config), "machine": machine, "runs": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -233,11 +233,13 @@ def test_training_forward_losses_intermediates_and_gradients(fx):
     assert_close(seen["stop_proj"][0][0], ref["train.base.lm_hidden"])
     assert_close(seen["stop_head"][1], ref["train.base.stop_logits"])
     (y, mu, t, cond, dt), pred = seen["estimator"]
-    assert_close(y, ref["train.base.estimator_y"])
-    assert_close(mu, ref["train.compute_loss.dit_hidden"] * ref["train.rng.cfg_mask"][:, None])
-    assert_close(cond, ref["train.compute_loss.cond"])
-    assert torch.equal(t, ref["train.rng.t"]) and not dt.any()
-    assert_close(pred, ref["train.base.u_pred"])
+    rows = _reference_batch(ref).loss_mask.flatten().nonzero().squeeze(1)  # the LocDiT sees the loss rows only
+    assert 0 < len(rows) < len(ref["train.rng.t"])
+    assert_close(y, ref["train.base.estimator_y"][rows])
+    assert_close(mu, (ref["train.compute_loss.dit_hidden"] * ref["train.rng.cfg_mask"][:, None])[rows])
+    assert_close(cond, ref["train.compute_loss.cond"][rows])
+    assert torch.equal(t, ref["train.rng.t"][rows]) and not dt.any()
+    assert_close(pred, ref["train.base.u_pred"][rows])
 
     (out["loss/diff"] + out["loss/stop"]).backward()
     params = dict(model.named_parameters())

@@ -40,6 +40,10 @@ class FlowDraws:
         z = torch.randn(shape, device=device)
         return cls(cfg_keep=cfg_keep, t=t, z=z)
 
+    def select(self, rows: torch.Tensor) -> FlowDraws:
+        """The draws of ``rows`` [n] only (the rows the LocDiT runs on)."""
+        return FlowDraws(self.cfg_keep[rows], self.t[rows], self.z[rows])
+
     @staticmethod
     def _draw_t(n: int, config: CFMConfig, device) -> torch.Tensor:
         if config.t_scheduler == "log-norm":

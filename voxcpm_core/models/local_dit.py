@@ -51,10 +51,30 @@ class LocalDiT(nn.Module):
         cond: torch.Tensor,  # [N, D, P'] previous patch
         dt: torch.Tensor,  # [N] (always 0 outside mean mode)
     ) -> torch.Tensor:
+        """-> velocity [N, D, P]."""
+        return self.velocity(x, mu + self.time_embedding(t, dt), self.embed_cond(cond))
+
+    def time_embedding(self, t: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """t, dt [N] -> [N, H_dit], added to mu to make the first token."""
+        dtype = self.in_proj.weight.dtype
+        tt = self.time_mlp(timestep_embedding(t, self.hidden).to(dtype))
+        return tt + self.delta_time_mlp(timestep_embedding(dt, self.hidden).to(dtype))
+
+    def embed_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        """Previous patch [N, D, P'] -> its tokens [N, P', H_dit]."""
+        return self.cond_proj(cond.transpose(1, 2))
+
+    def velocity(
+        self,
+        x: torch.Tensor,  # [N, D, P] noisy patch
+        first: torch.Tensor,  # [N, H_dit] mu + time embedding
+        cond_tokens: torch.Tensor,  # [N, P', H_dit] from embed_cond
+    ) -> torch.Tensor:
+        """The transformer over [first, cond tokens, x tokens] -> velocity [N, D, P] at the x positions.
+
+        The sampler calls this directly with ``first`` and ``cond_tokens`` computed once per patch.
+        """
         x = self.in_proj(x.transpose(1, 2))  # [N, P, H_dit]
-        cond = self.cond_proj(cond.transpose(1, 2))  # [N, P', H_dit]
-        tt = self.time_mlp(timestep_embedding(t, self.hidden).to(x.dtype))
-        tt = tt + self.delta_time_mlp(timestep_embedding(dt, self.hidden).to(x.dtype))  # [N, H_dit]
-        seq = torch.cat([(mu + tt)[:, None], cond, x], dim=1)  # [N, 1+P'+P, H_dit]
-        out = self.decoder(seq)[:, 1 + cond.shape[1] :]  # [N, P, H_dit]
+        seq = torch.cat([first[:, None], cond_tokens, x], dim=1)  # [N, 1+P'+P, H_dit]
+        out = self.decoder(seq)[:, 1 + cond_tokens.shape[1] :]  # [N, P, H_dit]
         return self.out_proj(out).transpose(1, 2)  # [N, D, P]

@@ -20,7 +20,8 @@ class LocalEncoder(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """feats [B, T, P, D] -> [B, T, H_enc]: the special token's output for each patch."""
         B, T, P, _ = feats.shape
+        H = self.special_token.shape[-1]
         x = self.in_proj(feats)  # [B, T, P, H_enc]
-        x = torch.cat([self.special_token.expand(B, T, 1, -1), x], dim=2)  # [B, T, P+1, H_enc]
-        out = self.encoder(x.reshape(B * T, P + 1, -1))  # each patch is its own sequence
-        return out[:, 0].reshape(B, T, -1)
+        x = torch.cat([self.special_token.expand(B, T, 1, H), x], dim=2)  # [B, T, P+1, H_enc]
+        out = self.encoder(x.reshape(B * T, P + 1, H))  # each patch is its own sequence (B*T may be 0)
+        return out[:, 0].reshape(B, T, H)

@@ -27,6 +27,16 @@ def shift_right(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
 
 
+def select_rows(mask: torch.Tensor) -> torch.Tensor:
+    """mask [B, T] -> indices [n] of its nonzero positions among the B*T flattened rows."""
+    return mask.flatten().nonzero().squeeze(1)
+
+
+def scatter_rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """values [k, ...] computed for ``rows`` [k] -> [n, ...], zeros in every other row."""
+    return values.new_zeros(n, *values.shape[1:]).index_copy(0, rows, values)
+
+
 def masked_means(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """values, mask [B, ...] -> (overall masked mean [], per-sample masked means [B]); empty masks count 1."""
     weighted = (values * mask).flatten(1).sum(1)  # [B]
@@ -58,6 +68,12 @@ class VoxCPMModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.enc_to_lm_proj.weight.dtype
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute every transformer layer's activations in backward: less memory, ~1/3 more compute."""
+        for module in self.modules():
+            if isinstance(module, MiniCPMModel):
+                module.gradient_checkpointing = enabled
 
     # ---- building blocks shared by training and generation -------------------------------------
 
@@ -91,9 +107,13 @@ class VoxCPMModel(nn.Module):
 
         lm_h is the base LM output, FSQ'd at audio positions (0 where both masks are 0);
         res_h is the residual LM output. With caches, both stacks fill them from position 0.
+        The local encoder runs on the audio positions only.
         """
+        B, T, P, D = audio_feats.shape
         tm, am = text_mask[..., None].to(self.dtype), audio_mask[..., None].to(self.dtype)  # [B, T, 1]
-        e_feat = self.encode_patches(audio_feats.to(self.dtype))
+        audio_rows = select_rows(audio_mask)  # [Na]
+        feats = audio_feats.to(self.dtype).reshape(B * T, 1, P, D)[audio_rows]  # [Na, 1, P, D]
+        e_feat = scatter_rows(self.encode_patches(feats)[:, 0], audio_rows, B * T).view(B, T, -1)  # [B, T, H]
         x = tm * self.embed_text(text_tokens) + am * e_feat
         h = self.base_lm(x, base_cache)
         lm_h = self.fsq_layer(h) * am + h * tm
@@ -112,19 +132,22 @@ class VoxCPMModel(nn.Module):
     def forward(self, batch: TrainBatch, draws: FlowDraws | None = None) -> dict[str, torch.Tensor]:
         """Training losses: scalar "loss/diff", "loss/stop" and their per-sample masked means [B].
 
-        ``draws`` fixes the flow-matching randomness (tests); by default it is drawn from torch's
-        global RNG in the reference order.
+        ``draws`` (for all B*T rows) fixes the flow-matching randomness (tests); by default it is drawn
+        from torch's global RNG in the reference order. The LocDiT runs on the loss_mask rows only.
         """
         feats = batch.audio_feats.to(self.dtype)
         B, T, P, D = feats.shape
+        N = B * T
         lm_h, res_h = self.encode_sequence(batch.text_tokens, feats, batch.text_mask, batch.audio_mask)
         lm_h, res_h = shift_right(lm_h), shift_right(res_h)  # position i is conditioned on i-1
-        mu = self.dit_condition(lm_h, res_h).reshape(B * T, -1)  # [N, H_dit]
-        x1 = feats.reshape(B * T, P, D).transpose(1, 2)  # [N, D, P] target patches
-        cond = shift_right(feats).reshape(B * T, P, D).transpose(1, 2)  # [N, D, P] previous patches
         if draws is None:
-            draws = FlowDraws.draw(B * T, D, P, self.feat_decoder.config, device=feats.device)
-        frame_err = self.feat_decoder.frame_errors(x1, mu, cond, draws).view(B, T, P)
+            draws = FlowDraws.draw(N, D, P, self.feat_decoder.config, device=feats.device)
+        rows = select_rows(batch.loss_mask)  # [n] rows that carry the diffusion loss
+        mu = self.dit_condition(lm_h.reshape(N, -1)[rows], res_h.reshape(N, -1)[rows])  # [n, H_dit]
+        x1 = feats.reshape(N, P, D)[rows].transpose(1, 2)  # [n, D, P] target patches
+        cond = shift_right(feats).reshape(N, P, D)[rows].transpose(1, 2)  # [n, D, P] previous patches
+        errors = self.feat_decoder.frame_errors(x1, mu, cond, draws.select(rows))  # [n, P]
+        frame_err = scatter_rows(errors, rows, N).view(B, T, P)
         frame_mask = batch.loss_mask.float()[:, :, None].expand(B, T, P)
         loss_diff, diff_per_sample = masked_means(frame_err, frame_mask)
 

@@ -1,0 +1,96 @@
+"""Latent-cache build rate at the real VoxCPM1.5 VAE size (random weights, CPU float32); prints one JSON object.
+
+    python bench/data.py [--clips 8] [--seconds 5] [--threads 2] [--batch-clips 1 16]
+
+Writes ``--clips`` WAV clips of ``--seconds`` (44.1 kHz tones) to a temporary folder and fills a fresh
+latent cache from them exactly as training does (file hashing, audio decoding on the worker threads,
+batched VAE encoding, atomic writes), once per ``--batch-clips`` value (clips per VAE call).
+Reports clips per second and seconds per clip beside the reference's 4.57 s per 5 s clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from voxcpm_core.config import parse_model_config
+from voxcpm_core.data.latent_cache import LatentCache
+from voxcpm_core.memory import keep_freed_memory
+from voxcpm_core.models.audio_vae import AudioVAE
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DEFAULT_CONFIG = SHARED / "models" / "VoxCPM1.5" / "config.json"
+REFERENCE = SHARED / "fixtures" / "official" / "refperf_voxcpm15_cpu2t.json"
+
+
+def write_clips(folder: Path, count: int, seconds: float, sample_rate: int) -> list[Path]:
+    t = np.arange(round(seconds * sample_rate)) / sample_rate
+    paths = []
+    for i in range(count):
+        path = folder / f"clip{i:03d}.wav"
+        sf.write(path, (0.3 * np.sin(2 * np.pi * (110 + 20 * i) * t)).astype(np.float32), sample_rate, subtype="PCM_16")
+        paths.append(path)
+    return paths
+
+
+def reference_seconds_per_clip() -> float | None:
+    if not REFERENCE.is_file():
+        return None
+    runs = json.loads(REFERENCE.read_text())["runs"]
+    return next((r["encode_median_s"] for r in runs if r["mode"] == "vae-encode"), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each clip")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-clips", type=int, nargs="+", default=[1, 16], help="clips per VAE call, one build each")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    args = parser.parse_args()
+
+    keep_freed_memory()  # as the trainer does on CPU
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = parse_model_config(json.loads(args.config.read_text()), source=str(args.config))
+    vae = AudioVAE(config.audio_vae_config).eval()
+    reference = reference_seconds_per_clip()
+    builds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_clips(Path(tmp), args.clips, args.seconds, vae.sample_rate)
+        for batch_clips in args.batch_clips:
+            cache = LatentCache(Path(tmp) / f"cache{batch_clips}", vae, config.patch_size, max_batch_clips=batch_clips)
+            start = time.perf_counter()
+            entries = cache.ensure(paths)
+            elapsed = time.perf_counter() - start
+            shape = list(LatentCache.load(entries[0]).shape)
+            builds.append({
+                "batch_clips": batch_clips,
+                "build_s": elapsed,
+                "clips_per_s": args.clips / elapsed,
+                "s_per_clip": elapsed / args.clips,
+                "speedup_vs_reference": reference * args.clips / elapsed if reference else None,
+                "latents_shape": shape,
+            })
+    print(json.dumps({
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "clips": args.clips,
+        "clip_seconds": args.seconds,
+        "vae_params": sum(p.numel() for p in vae.parameters()),
+        "reference_s_per_clip": reference,
+        "builds": builds,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

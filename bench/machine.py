@@ -1,0 +1,103 @@
+"""This machine's own limits, the yardsticks for the other benches; prints one JSON object.
+
+    python bench/machine.py [--threads 2] [--seconds 1.0]
+
+- matmul GFLOP/s in float32 and bfloat16 at the shapes of the VoxCPM1.5 stacks (hidden 1024, FFN 4096,
+  128 to 576 rows), through torch's default path (MKL sgemm for float32 on CPU) and oneDNN (what
+  voxcpm_core.models.linear uses for float32); ``peak_gflops`` is the best of all.
+- weight streaming GB/s: matrix-vector products (1 and 2 rows, as in generation with CFG) over
+  512 MiB of weights, far more than the caches, in float32 and bfloat16: bytes of weights read per second.
+
+Other benches import ``measure_limits`` and print their figures beside these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from voxcpm_core.models.linear import ONEDNN, onednn_mm
+from voxcpm_core.training.precision import cpu_bf16_flags
+
+HIDDEN, FFN = 1024, 4096
+MATMUL_SHAPES = [(128, HIDDEN, FFN), (128, FFN, HIDDEN), (576, HIDDEN, FFN), (576, FFN, HIDDEN)]  # (M, K, N)
+STREAM_BYTES = 512 * 2**20  # weights streamed per matrix-vector pass
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def seconds_per_call(fn, budget_s: float) -> float:
+    """Seconds per call of ``fn``, averaged over ``budget_s`` after three warm-up calls."""
+    for _ in range(3):
+        fn()
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < budget_s:
+        fn()
+        calls += 1
+    return elapsed / calls
+
+
+def matmul_gflops(dtype: torch.dtype, budget_s: float) -> dict:
+    """GFLOP/s of x [M, K] @ W [N, K]^T per shape and path, and the best of them."""
+    rows, peak = [], 0.0
+    for M, K, N in MATMUL_SHAPES:
+        x, w = torch.randn(M, K).to(dtype), torch.randn(N, K).to(dtype)
+        paths = {"default": lambda x=x, w=w: F.linear(x, w)}
+        if ONEDNN:
+            paths["onednn"] = lambda x=x, w=w: onednn_mm(x, w)
+        row = {"shape_mkn": [M, K, N]}
+        for name, fn in paths.items():
+            row[f"{name}_gflops"] = 2 * M * K * N / seconds_per_call(fn, budget_s) / 1e9
+            peak = max(peak, row[f"{name}_gflops"])
+        rows.append(row)
+    return {"peak_gflops": peak, "shapes": rows}
+
+
+def weight_stream_gbs(dtype: torch.dtype, budget_s: float, rows: int) -> dict:
+    """GB/s of weights read by [rows, K] @ W^T over STREAM_BYTES of [FFN, HIDDEN] matrices."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    count = STREAM_BYTES // (FFN * HIDDEN * size)
+    weights = [torch.randn(FFN, HIDDEN).to(dtype) for _ in range(count)]
+    x = torch.randn(rows, HIDDEN).to(dtype)
+    paths = {"default": F.linear}
+    if ONEDNN:
+        paths["onednn"] = onednn_mm
+    found = {}
+    for name, mm in paths.items():
+        found[f"{name}_gbs"] = STREAM_BYTES / seconds_per_call(lambda mm=mm: [mm(x, w) for w in weights], budget_s) / 1e9
+    return {"rows": rows, "peak_gbs": max(found.values()), **found}
+
+
+def measure_limits(threads: int = 2, budget_s: float = 1.0) -> dict:
+    torch.set_num_threads(threads)
+    out = {"threads": threads, "cpu_bf16_flags": sorted(cpu_bf16_flags()), "onednn": ONEDNN}
+    for name, dtype in DTYPES.items():
+        out[f"matmul_{name}"] = matmul_gflops(dtype, budget_s)
+        out[f"stream_{name}"] = [weight_stream_gbs(dtype, budget_s, rows) for rows in (1, 2)]
+    return out
+
+
+def summary(limits: dict) -> dict:
+    """The four headline limits: matmul GFLOP/s and weight-streaming GB/s (1 row), float32 and bfloat16."""
+    return {
+        "matmul_gflops_float32": limits["matmul_float32"]["peak_gflops"],
+        "matmul_gflops_bfloat16": limits["matmul_bfloat16"]["peak_gflops"],
+        "stream_gbs_float32": limits["stream_float32"][0]["peak_gbs"],
+        "stream_gbs_bfloat16": limits["stream_bfloat16"][0]["peak_gbs"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=1.0, help="measuring time per figure")
+    args = parser.parse_args()
+    limits = measure_limits(args.threads, args.seconds)
+    print(json.dumps({"torch": torch.__version__, "summary": summary(limits), **limits}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

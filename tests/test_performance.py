@@ -1,0 +1,213 @@
+"""What the speed work must keep true: masked-out rows cost nothing and change nothing, the fast paths
+(oneDNN linears, lean RMSNorm, gradient checkpointing, bf16) compute the same training step."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from reference_data import assert_close, reference_batch, reference_draws, reference_tensors
+from typer.testing import CliRunner
+from wavs import write_clip, write_manifest
+
+from voxcpm_cli.main import app
+from voxcpm_core.builder import build_model_dir, tiny_config
+from voxcpm_core.checkpoint import load_lora_dir, load_model_dir
+from voxcpm_core.lora import LoRAConfig, LoRALinear, trainable_lora_parameters
+from voxcpm_core.memory import keep_freed_memory
+from voxcpm_core.models.linear import ONEDNN, linear
+from voxcpm_core.models.minicpm import RMSNorm, causal_mask, small_attention
+from voxcpm_core.training import precision as precision_module
+from voxcpm_core.training.precision import in_float32, resolve_precision, store_frozen_linears_in_bf16
+
+LORA = LoRAConfig(enable_lm=True, enable_dit=True, enable_proj=True, r=4, alpha=8)
+
+
+def _losses_and_grads(model, batch, draws, autocast=None):
+    model.zero_grad(set_to_none=True)
+    with autocast or torch.autocast("cpu", enabled=False):
+        out = model(batch, draws)
+    (out["loss/diff"] + out["loss/stop"]).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors (weights included) autograd keeps for backward while ``fn`` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+# ---- row selection ----------------------------------------------------------------------------
+
+
+def test_encoder_and_dit_see_only_the_rows_that_need_them(preset_dir):
+    model = load_model_dir(preset_dir / "base").model.train()
+    ref = reference_tensors(preset_dir)
+    batch, draws = reference_batch(ref), reference_draws(ref)
+    seen = {}
+    model.feat_encoder.register_forward_hook(lambda m, args, out: seen.__setitem__("encoder", args[0].shape))
+    model.feat_decoder.estimator.register_forward_hook(lambda m, args, out: seen.__setitem__("dit", args[0].shape))
+    out = model(batch, draws)
+    assert seen["encoder"][:2] == (int(batch.audio_mask.sum()), 1)  # [audio rows, 1, P, D]
+    assert seen["dit"][0] == int(batch.loss_mask.count_nonzero()) < batch.loss_mask.numel()
+
+    # padding rows cost nothing and change nothing: garbage there leaves every loss and gradient as it was
+    padding = (batch.text_mask + batch.audio_mask) == 0
+    assert padding.any()
+    feats = batch.audio_feats.clone()
+    feats[padding] = 1e3 * torch.randn_like(feats[padding])
+    noisy = dataclasses.replace(batch, audio_feats=feats, text_tokens=batch.text_tokens.masked_fill(padding, 7))
+    with torch.no_grad():
+        again = model(noisy, draws)
+    for key in out:
+        assert torch.equal(out[key], again[key]), key
+
+
+# ---- fast paths compute the same math --------------------------------------------------------
+
+
+@pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
+def test_onednn_linear_matches_f_linear_and_keeps_no_input_for_frozen_weights():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    w, b = torch.randn(40, 24, requires_grad=True), torch.randn(40, requires_grad=True)
+    g = torch.randn(3, 5, 40)
+    ours = torch.autograd.grad(linear(x, w, b), (x, w, b), g)
+    expected = torch.autograd.grad(F.linear(x, w, b), (x, w, b), g)
+    assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-6)
+    for a, e in zip(ours, expected, strict=True):
+        assert_close(a, e, rtol=1e-6)
+
+    frozen = w.detach()
+    assert _saved_bytes(lambda: linear(x, frozen)) == frozen.numel() * 4  # the weight only, not the input
+    assert _saved_bytes(lambda: linear(x, w)) == (w.numel() + x.numel()) * 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x, w, b).dtype == torch.bfloat16  # autocast regions take torch's own path
+    assert linear(x[:0], w, b).shape == (0, 5, 40)
+
+
+@pytest.mark.parametrize("T, S, causal", [(5, 5, False), (9, 9, True), (3, 11, True), (1, 7, False)])
+def test_small_attention_matches_sdpa(T, S, causal):
+    torch.manual_seed(0)
+    q = torch.randn(3, 8, T, 16, requires_grad=True)
+    k, v = torch.randn(3, 2, S, 16, requires_grad=True), torch.randn(3, 2, S, 16, requires_grad=True)
+    mask = causal_mask(T, S, q.device) if causal else None
+    ours = small_attention(q, k, v, mask)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert_close(ours, expected, rtol=1e-6)
+    g = torch.randn_like(ours)
+    for a, e in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(expected, (q, k, v), g), strict=True):
+        assert_close(a, e, rtol=1e-6)
+
+
+def test_rms_norm_backward_matches_autograd_and_keeps_less():
+    torch.manual_seed(0)
+    norm = RMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 7, 32, requires_grad=True)
+    g = torch.randn(4, 7, 32)
+
+    def plain(x):  # the textbook formula, differentiated by autograd
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)) * norm.weight
+
+    ours = torch.autograd.grad(norm(x), (x, norm.weight), g)
+    expected = torch.autograd.grad(plain(x), (x, norm.weight), g)
+    assert torch.equal(norm(x), plain(x))
+    for a, e in zip(ours, expected, strict=True):
+        assert_close(a, e, rtol=1e-6)
+    assert _saved_bytes(lambda: norm(x)) < _saved_bytes(lambda: plain(x))
+
+
+def test_gradient_checkpointing_gives_the_same_step_with_fewer_saved_activations(preset_dir):
+    model = load_model_dir(preset_dir / "base").model.train()
+    ref = reference_tensors(preset_dir)
+    batch, draws = reference_batch(ref), reference_draws(ref)
+    out, grads = _losses_and_grads(model, batch, draws)
+    plain_bytes = _saved_bytes(lambda: model(batch, draws))
+    model.set_gradient_checkpointing(True)
+    out_ckpt, grads_ckpt = _losses_and_grads(model, batch, draws)
+    assert _saved_bytes(lambda: model(batch, draws)) < plain_bytes / 2
+    assert torch.equal(out["loss/diff"], out_ckpt["loss/diff"]) and torch.equal(out["loss/stop"], out_ckpt["loss/stop"])
+    assert grads.keys() == grads_ckpt.keys()
+    for name in grads:
+        assert_close(grads_ckpt[name], grads[name], rtol=1e-6)
+    with torch.no_grad():  # no recomputation outside training
+        assert _saved_bytes(lambda: model(batch, draws)) == 0
+
+
+# ---- bf16 ---------------------------------------------------------------------------------------
+
+
+def test_precision_resolution_and_fallback(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu).bf16 is False
+    assert resolve_precision("auto", cpu) == precision_module.Precision(bf16=False)  # fp32 on CPU, no notice
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: {"avx512_bf16"})
+    assert resolve_precision("bf16", cpu) == precision_module.Precision(bf16=True)
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", set)
+    fallback = resolve_precision("bf16", cpu)
+    assert fallback.bf16 is False and "avx512_bf16" in fallback.notice and "float32" in fallback.notice
+
+
+def test_lora_bf16_step_stores_frozen_linears_in_bf16_and_stays_close_to_fp32(preset_dir):
+    base = load_model_dir(preset_dir / "base", lora=LORA).model.train()
+    ref = reference_tensors(preset_dir)
+    batch, draws = reference_batch(ref), reference_draws(ref)
+    trainable = trainable_lora_parameters(base)
+    with torch.no_grad():
+        for name, p in trainable.items():  # non-zero adapters, so their gradients flow everywhere
+            p.normal_(0, 0.05) if name.endswith("lora_B") else None
+    out32, grads32 = _losses_and_grads(base, batch, draws)
+
+    cast = store_frozen_linears_in_bf16(base)
+    linears = [m for m in base.modules() if isinstance(m, (torch.nn.Linear, LoRALinear))]
+    assert {id(p) for p in cast} == {id(m.weight) for m in linears} | {id(m.bias) for m in linears if m.bias is not None}
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    assert base.base_lm.norm.weight.dtype == base.base_lm.embed_tokens.weight.dtype == torch.float32
+    out16, grads16 = _losses_and_grads(base, batch, draws, torch.autocast("cpu", dtype=torch.bfloat16))
+    for key in ("loss/diff", "loss/stop"):
+        assert abs(out16[key].item() / out32[key].item() - 1) < 0.02, key
+    assert grads16.keys() == set(trainable) and all(g.dtype == torch.float32 for g in grads16.values())
+
+    before = {id(p): p.detach().clone() for p in cast}
+    with in_float32(cast):
+        assert all(p.dtype == torch.float32 for p in cast)
+    assert all(p.dtype == torch.bfloat16 and torch.equal(p, before[id(p)]) for p in cast)
+
+
+def test_train_lora_bf16_with_gradient_checkpointing_end_to_end(tmp_path):
+    build_model_dir(tmp_path / "model", tiny_config(16000), seed=0)
+    for i in range(4):
+        write_clip(tmp_path / f"wavs/{i}.wav", seconds=0.5 + 0.1 * i, frequency=150 + 30 * i)
+    write_manifest(tmp_path / "train.jsonl", [{"audio": f"wavs/{i}.wav", "text": f"clip {i}."} for i in range(4)])
+    write_manifest(tmp_path / "val.jsonl", [{"audio": "wavs/0.wav", "text": "clip zero."}])
+    cfg = dict(
+        pretrained_path=str(tmp_path / "model"), train_manifest=str(tmp_path / "train.jsonl"),
+        val_manifest=str(tmp_path / "val.jsonl"), cache_dir=str(tmp_path / "latents"), batch_size=2,
+        num_workers=0, num_iters=2, log_interval=1, valid_interval=2, save_interval=0, learning_rate=0.002,
+        warmup_steps=1, save_path=str(tmp_path / "run"), precision="bf16", gradient_checkpointing=True,
+        lora=LORA.model_dump(),
+    )
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    result = CliRunner().invoke(app, ["train", "lora", "--config", str(tmp_path / "c.yaml")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    state_dict, _ = load_lora_dir(tmp_path / "run" / "step_0000002")
+    assert state_dict and all(t.dtype == torch.float32 for t in state_dict.values())
+    assert list((tmp_path / "run" / "samples" / "step_0000002").glob("*.wav"))  # generation after bf16 steps
+
+
+def test_keep_freed_memory_is_idempotent():
+    first = keep_freed_memory()
+    assert keep_freed_memory() == first
