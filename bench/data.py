@@ -1,11 +1,13 @@
 """Latent-cache build rate at the real VoxCPM1.5 VAE size (random weights, CPU float32); prints one JSON object.
 
-    python bench/data.py [--clips 8] [--seconds 5] [--threads 2] [--batch-clips 1 16]
+    python bench/data.py [--clips 8] [--seconds 5] [--threads 2] [--batch-clips 1 4]
 
 Writes ``--clips`` WAV clips of ``--seconds`` (44.1 kHz tones) to a temporary folder and fills a fresh
 latent cache from them exactly as training does (file hashing, audio decoding on the worker threads,
-batched VAE encoding, atomic writes), once per ``--batch-clips`` value (clips per VAE call).
-Reports clips per second and seconds per clip beside the reference's 4.57 s per 5 s clip.
+batched VAE encoding, atomic writes), once per ``--batch-clips`` value (clips per VAE call), first with
+glibc's default malloc (as `voxcpm train full` runs), then with voxcpm_core.memory.keep_freed_memory
+(as `voxcpm train lora` and `--dry-run` run). Reports clips per second and seconds per clip beside the
+reference's 4.57 s per 5 s clip.
 """
 
 from __future__ import annotations
@@ -53,11 +55,10 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each clip")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-clips", type=int, nargs="+", default=[1, 16], help="clips per VAE call, one build each")
+    parser.add_argument("--batch-clips", type=int, nargs="+", default=[1, 4], help="clips per VAE call, one build each")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     args = parser.parse_args()
 
-    keep_freed_memory()  # as the trainer does on CPU
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = parse_model_config(json.loads(args.config.read_text()), source=str(args.config))
@@ -66,20 +67,24 @@ def main() -> None:
     builds = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_clips(Path(tmp), args.clips, args.seconds, vae.sample_rate)
-        for batch_clips in args.batch_clips:
-            cache = LatentCache(Path(tmp) / f"cache{batch_clips}", vae, config.patch_size, max_batch_clips=batch_clips)
-            start = time.perf_counter()
-            entries = cache.ensure(paths)
-            elapsed = time.perf_counter() - start
-            shape = list(LatentCache.load(entries[0]).shape)
-            builds.append({
-                "batch_clips": batch_clips,
-                "build_s": elapsed,
-                "clips_per_s": args.clips / elapsed,
-                "s_per_clip": elapsed / args.clips,
-                "speedup_vs_reference": reference * args.clips / elapsed if reference else None,
-                "latents_shape": shape,
-            })
+        for malloc in ("glibc-default", "keep-freed-memory"):  # in this order: the switch lasts for the process
+            if malloc == "keep-freed-memory" and not keep_freed_memory():
+                break
+            for batch_clips in args.batch_clips:
+                root = Path(tmp) / f"cache-{malloc}-{batch_clips}"
+                cache = LatentCache(root, vae, config.patch_size, max_batch_clips=batch_clips)
+                start = time.perf_counter()
+                entries = cache.ensure(paths)
+                elapsed = time.perf_counter() - start
+                builds.append({
+                    "malloc": malloc,
+                    "batch_clips": batch_clips,
+                    "build_s": elapsed,
+                    "clips_per_s": args.clips / elapsed,
+                    "s_per_clip": elapsed / args.clips,
+                    "speedup_vs_reference": reference * args.clips / elapsed if reference else None,
+                    "latents_shape": list(LatentCache.load(entries[0]).shape),
+                })
     print(json.dumps({
         "torch": torch.__version__,
         "threads": args.threads,

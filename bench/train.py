@@ -1,6 +1,6 @@
 """Training-step speed and peak RSS at the real VoxCPM1.5 size, beside this machine's limits; prints one JSON object.
 
-    python bench/train.py [--runs lora lora-bf16 lora-gc full] [--steps 3] [--threads 2]
+    python bench/train.py [--runs lora lora-bf16 lora-gc full] [--steps 4] [--warmup 2] [--threads 2]
                           [--machine-seconds 0.5] [--config ../shared/models/VoxCPM1.5/config.json]
 
 Random weights (the model is built from config.json, nothing is read or written on disk), CPU, a fixed
@@ -13,11 +13,11 @@ fused AdamW and gradient clearing. Runs (each in its own fresh process, so its p
     lora-gc    the same as lora with ``gradient_checkpointing: true``
     full       full fine-tuning, float32
 
-Per run: seconds of forward, backward, clip, AdamW (+ clearing grads) per step (medians over --steps after
-a warm-up step), peak RSS of the process, the matmul FLOPs of a step counted from the shapes that ran
-(torch's FlopCounterMode, recomputation included), and the FLOP/s achieved by forward+backward as a
-fraction of the machine's matmul peak for the run's dtype (bench/machine.py, measured first in the same
-invocation). ``other_cpu_load`` is the average number of cores other processes used meanwhile: above
+Per run: seconds of forward, backward, clip, AdamW (+ clearing grads) per step (medians over --steps
+after --warmup steps: the steady state of a long run), peak RSS of the process (warm-up included), the
+matmul FLOPs of a step counted from the shapes that ran (torch's FlopCounterMode, recomputation
+included), and the FLOP/s achieved by forward+backward as a fraction of the machine's matmul peak for
+the run's dtype (bench/machine.py, measured first in the same invocation). ``other_cpu_load`` is the average number of cores other processes used meanwhile: above
 ~0.1 the timings are noisy. Goals and reference timings come from issue 6 / refperf_voxcpm15_cpu2t.json.
 """
 
@@ -103,7 +103,7 @@ def _register_flop_formulas() -> None:
         return 10 * b * h * s_q * k_shape[2] * d  # recompute P, then dV, dP, dQ, dK
 
 
-def run_one(name: str, config_path: Path, steps: int, threads: int) -> dict:
+def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads: int) -> dict:
     from voxcpm_core.config import parse_model_config
     from voxcpm_core.data.batch import collate
     from voxcpm_core.lora import LoRAConfig, apply_lora
@@ -171,10 +171,11 @@ def run_one(name: str, config_path: Path, steps: int, threads: int) -> dict:
 
     _register_flop_formulas()
     flops: dict = {}
-    warmup = step(0, flops)  # the first step also allocates optimizer state; its FLOPs are counted
+    warmup = [step(0, flops)]  # allocates the optimizer state; its FLOPs are counted
+    warmup += [step(i) for i in range(1, warmup_steps)]  # the allocator settles into its steady state
     load = OtherLoad()
     load.start()
-    measured = [step(i) for i in range(1, steps + 1)]
+    measured = [step(i) for i in range(warmup_steps, warmup_steps + steps)]
     fwd_bwd = statistics.median(r["fwd_s"] + r["bwd_s"] for r in measured)
     step_gflop = (flops["forward"] + flops["backward"]) / 1e9
     return {
@@ -188,7 +189,7 @@ def run_one(name: str, config_path: Path, steps: int, threads: int) -> dict:
                   "audio_patches": patches, "audio_seconds": AUDIO_SECONDS},
         "threads": threads,
         "build_s": build_s,
-        "warmup_step": warmup,
+        "warmup_steps": warmup,
         "measured_steps": measured,
         "median_fwd_bwd_s": fwd_bwd,
         "median_clip_s": statistics.median(r["clip_s"] for r in measured),
@@ -254,7 +255,8 @@ def _child(args: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--steps", type=int, default=3, help="measured steps per run (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (the first allocates AdamW state)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--machine-seconds", type=float, default=0.5, help="per machine-limit figure; 0 skips them")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -262,7 +264,7 @@ def main() -> None:
     parser.add_argument("--machine-only", action="store_true", help=argparse.SUPPRESS)  # child: the limits
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.config, args.steps, args.threads)))
+        print(json.dumps(run_one(args.one, args.config, args.steps, max(1, args.warmup), args.threads)))
         return
     if args.machine_only:
         sys.path.insert(0, str(Path(__file__).parent))
@@ -278,7 +280,8 @@ def main() -> None:
     reference = reference_numbers()
     results = []
     for name in args.runs:
-        result = _child(["--one", name, "--steps", str(args.steps), "--threads", str(args.threads), "--config", str(args.config)])
+        result = _child(["--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                         "--threads", str(args.threads), "--config", str(args.config)])
         results.append(compare(result, reference, machine["summary"] if machine else None))
     print(json.dumps({"torch": torch.__version__, "config": str(args.config), "machine": machine, "runs": results}, indent=1))
 

@@ -77,6 +77,23 @@ def test_encoder_and_dit_see_only_the_rows_that_need_them(preset_dir):
 # ---- fast paths compute the same math --------------------------------------------------------
 
 
+def test_stack_outputs_compute_only_the_positions_read(preset_dir):
+    model = load_model_dir(preset_dir / "base").model
+    dit = model.feat_decoder.estimator.decoder
+    x = torch.randn(3, 9, dit.config.hidden_size, requires_grad=True)
+    full = dit(x)
+    last = dit(x, outputs=slice(5, None))
+    assert_close(last, full[:, 5:], rtol=1e-6)
+    g = torch.randn_like(last)
+    assert_close(torch.autograd.grad(last, x, g)[0], torch.autograd.grad(full[:, 5:], x, g)[0], rtol=1e-6)
+    seen = []
+    dit.layers[-1].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    dit(x, outputs=slice(0, 1))
+    assert seen == [1]  # the last layer's MLP ran on the one position read
+    with pytest.raises(ValueError, match="bidirectional"):
+        model.base_lm(x[..., : model.base_lm.config.hidden_size], outputs=slice(0, 1))
+
+
 @pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
 def test_onednn_linear_matches_f_linear_and_keeps_no_input_for_frozen_weights():
     torch.manual_seed(0)

@@ -73,12 +73,14 @@ class LatentCache:
         vae: AudioVAE,
         patch_size: int,
         max_batch_seconds: float = 120.0,
-        max_batch_clips: int = 16,
+        max_batch_clips: int | None = None,
     ):
         self.vae = vae
         self.patch_size = patch_size
         self.patch_samples = vae.hop_length * patch_size  # waveform samples per LM position
         self.max_batch_samples = int(max_batch_seconds * vae.sample_rate)  # padded samples per VAE call
+        if max_batch_clips is None:  # on CPU a batch is no faster per clip (bench/data.py) and B times larger
+            max_batch_clips = 1 if next(vae.parameters()).device.type == "cpu" else 16
         self.max_batch_clips = max_batch_clips
         identity = f"{state_dict_sha256(vae)}|sr={vae.sample_rate}|hop={vae.hop_length}|patch={patch_size}"
         self.key = hashlib.sha256(identity.encode()).hexdigest()[:24]

@@ -90,7 +90,11 @@ class Snake(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+        inv_alpha = (self.alpha + 1e-9).reciprocal()
+        if torch.is_grad_enabled() and (x.requires_grad or self.alpha.requires_grad):
+            return x + inv_alpha * torch.sin(self.alpha * x).pow(2)
+        # inference: the same arithmetic in one buffer instead of five full-size temporaries
+        return (self.alpha * x).sin_().square_().mul_(inv_alpha).add_(x)
 
 
 class ResidualUnit(nn.Module):

@@ -76,5 +76,5 @@ class LocalDiT(nn.Module):
         """
         x = self.in_proj(x.transpose(1, 2))  # [N, P, H_dit]
         seq = torch.cat([first[:, None], cond_tokens, x], dim=1)  # [N, 1+P'+P, H_dit]
-        out = self.decoder(seq)[:, 1 + cond_tokens.shape[1] :]  # [N, P, H_dit]
+        out = self.decoder(seq, outputs=slice(1 + cond_tokens.shape[1], None))  # [N, P, H_dit]
         return self.out_proj(out).transpose(1, 2)  # [N, D, P]

@@ -23,5 +23,5 @@ class LocalEncoder(nn.Module):
         H = self.special_token.shape[-1]
         x = self.in_proj(feats)  # [B, T, P, H_enc]
         x = torch.cat([self.special_token.expand(B, T, 1, H), x], dim=2)  # [B, T, P+1, H_enc]
-        out = self.encoder(x.reshape(B * T, P + 1, H))  # each patch is its own sequence (B*T may be 0)
-        return out[:, 0].reshape(B, T, H)
+        out = self.encoder(x.reshape(B * T, P + 1, H), outputs=slice(0, 1))  # each patch its own sequence
+        return out.reshape(B, T, H)  # the special token's output (B*T may be 0)
