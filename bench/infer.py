@@ -1,9 +1,10 @@
 """Generation speed at the real VoxCPM1.5 size beside this machine's weight-streaming limit; prints one JSON object.
 
     python bench/infer.py [--threads 2] [--seconds 3] [--timesteps 10] [--dtypes float32 bfloat16]
-                          [--machine-seconds 0.5] [--model-dir ../shared/models/VoxCPM1.5]
+                          [--no-pack] [--machine-seconds 0.5] [--model-dir ../shared/models/VoxCPM1.5]
 
-Random weights (built from config.json, nothing is read from disk but the config and tokenizer), CPU.
+Random weights (built from config.json, nothing is read from disk but the config and tokenizer), CPU,
+weights prepacked for oneDNN as `voxcpm infer` does on CPU (``--no-pack``: the plain weights).
 Per dtype: seconds per generated patch of the AR loop (median over the patches after the first, so
 robust to other load; the mean includes the prefill), VAE decode time, real-time factor of the whole
 non-streaming generation, time to first audio of a streaming generation, and the weight bytes one patch
@@ -33,6 +34,7 @@ from torch import nn
 from voxcpm_core import inference
 from voxcpm_core.checkpoint import load_tokenizer, read_model_config
 from voxcpm_core.models.audio_vae import AudioVAE
+from voxcpm_core.models.linear import pack_weights
 from voxcpm_core.models.voxcpm import VoxCPMModel
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -153,6 +155,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--timesteps", type=int, default=10)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--no-pack", action="store_true", help="plain weights (voxcpm infer --no-optimize)")
     parser.add_argument("--machine-seconds", type=float, default=0.5, help="per machine-limit figure; 0 skips them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -164,6 +167,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = VoxCPMModel(config).eval()
     vae = AudioVAE(config.audio_vae_config).eval()
+    pack_weights(model, enabled=not args.no_pack)
     build_s = time.perf_counter() - start
     patches = round(args.seconds * config.sample_rate / config.patch_samples)
     reference = None
@@ -192,6 +196,7 @@ def main() -> None:
         "params_no_vae": sum(p.numel() for p in model.parameters()),
         "params_vae": sum(p.numel() for p in vae.parameters()),
         "threads": args.threads,
+        "packed_weights": not args.no_pack,
         "load_average_1min_before": load_before,
         "inference_timesteps": args.timesteps,
         "build_s": round(build_s, 2),

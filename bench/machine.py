@@ -3,10 +3,12 @@
     python bench/machine.py [--threads 2] [--seconds 1.0]
 
 - matmul GFLOP/s in float32 and bfloat16 at the shapes of the VoxCPM1.5 stacks (hidden 1024, FFN 4096,
-  128 to 576 rows), through torch's default path (MKL sgemm for float32 on CPU) and oneDNN (what
-  voxcpm_core.models.linear uses for float32); ``peak_gflops`` is the best of all.
+  128 to 576 rows), through torch's default path (MKL sgemm for float32 on CPU), oneDNN (what
+  voxcpm_core.models.linear uses for float32) and oneDNN on prepacked weights (what generation uses
+  with ``pack_weights``); ``peak_gflops`` is the best of all.
 - weight streaming GB/s: matrix-vector products (1 and 2 rows, as in generation with CFG) over
-  512 MiB of weights, far more than the caches, in float32 and bfloat16: bytes of weights read per second.
+  512 MiB of weights, far more than the caches, in float32 and bfloat16, through the same paths:
+  bytes of weights read per second; ``peak_gbs`` is the best path.
 
 Other benches import ``measure_limits`` and print their figures beside these.
 """
@@ -20,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from voxcpm_core.models.linear import ONEDNN, onednn_mm
+from voxcpm_core.models.linear import ONEDNN, PACKABLE_DTYPES, PackedWeight, onednn_mm
 from voxcpm_core.training.precision import cpu_bf16_flags
 
 HIDDEN, FFN = 1024, 4096
@@ -40,14 +42,22 @@ def seconds_per_call(fn, budget_s: float) -> float:
     return elapsed / calls
 
 
+def _paths(dtype: torch.dtype) -> dict:
+    """name -> (prepare weight, matmul(x, prepared weight)) for every matmul path of ``dtype``."""
+    paths = {"default": (lambda w: w, F.linear)}
+    if ONEDNN:
+        paths["onednn"] = (lambda w: w, onednn_mm)
+    if dtype in PACKABLE_DTYPES:
+        paths["onednn_packed"] = (lambda w: PackedWeight().get(w), onednn_mm)
+    return paths
+
+
 def matmul_gflops(dtype: torch.dtype, budget_s: float) -> dict:
     """GFLOP/s of x [M, K] @ W [N, K]^T per shape and path, and the best of them."""
     rows, peak = [], 0.0
     for M, K, N in MATMUL_SHAPES:
         x, w = torch.randn(M, K).to(dtype), torch.randn(N, K).to(dtype)
-        paths = {"default": lambda x=x, w=w: F.linear(x, w)}
-        if ONEDNN:
-            paths["onednn"] = lambda x=x, w=w: onednn_mm(x, w)
+        paths = {name: (lambda x=x, w=prepare(w), mm=mm: mm(x, w)) for name, (prepare, mm) in _paths(dtype).items()}
         row = {"shape_mkn": [M, K, N]}
         for name, fn in paths.items():
             row[f"{name}_gflops"] = 2 * M * K * N / seconds_per_call(fn, budget_s) / 1e9
@@ -62,12 +72,11 @@ def weight_stream_gbs(dtype: torch.dtype, budget_s: float, rows: int) -> dict:
     count = STREAM_BYTES // (FFN * HIDDEN * size)
     weights = [torch.randn(FFN, HIDDEN).to(dtype) for _ in range(count)]
     x = torch.randn(rows, HIDDEN).to(dtype)
-    paths = {"default": F.linear}
-    if ONEDNN:
-        paths["onednn"] = onednn_mm
     found = {}
-    for name, mm in paths.items():
-        found[f"{name}_gbs"] = STREAM_BYTES / seconds_per_call(lambda mm=mm: [mm(x, w) for w in weights], budget_s) / 1e9
+    for name, (prepare, mm) in _paths(dtype).items():
+        prepared = [prepare(w) for w in weights]
+        found[f"{name}_gbs"] = STREAM_BYTES / seconds_per_call(lambda mm=mm, ws=prepared: [mm(x, w) for w in ws], budget_s) / 1e9
+        del prepared
     return {"rows": rows, "peak_gbs": max(found.values()), **found}
 
 

@@ -18,7 +18,7 @@ from voxcpm_core.builder import build_model_dir, tiny_config
 from voxcpm_core.checkpoint import load_lora_dir, load_model_dir
 from voxcpm_core.lora import LoRAConfig, LoRALinear, trainable_lora_parameters
 from voxcpm_core.memory import keep_freed_memory
-from voxcpm_core.models.linear import ONEDNN, linear
+from voxcpm_core.models.linear import ONEDNN, Linear, PackedWeight, linear, pack_weights
 from voxcpm_core.models.minicpm import RMSNorm, causal_mask, small_attention
 from voxcpm_core.training import precision as precision_module
 from voxcpm_core.training.precision import in_float32, resolve_precision, store_frozen_linears_in_bf16
@@ -112,6 +112,38 @@ def test_onednn_linear_matches_f_linear_and_keeps_no_input_for_frozen_weights():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert linear(x, w, b).dtype == torch.bfloat16  # autocast regions take torch's own path
     assert linear(x[:0], w, b).shape == (0, 5, 40)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
+@pytest.mark.parametrize("dtype, rows", [(torch.float32, 7), (torch.float32, 1), (torch.bfloat16, 1), (torch.bfloat16, 18)])
+def test_packed_weights_compute_the_same_and_follow_weight_changes(dtype, rows):
+    torch.manual_seed(0)
+    layer = Linear(64, 96).to(dtype)
+    x = torch.randn(2, rows, 64).to(dtype)
+    plain = F.linear(x, layer.weight, layer.bias)
+    assert pack_weights(layer) == 1 and isinstance(layer.packed, PackedWeight)
+    with torch.no_grad():
+        assert_close(layer(x).float(), plain.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+        layer.weight.mul_(-1)  # an in-place change (LoRA merge, load_state_dict) repacks on the next call
+        assert_close(layer(x).float(), F.linear(x, layer.weight, layer.bias).float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    out = layer(x)  # with grad: the plain weight, which autograd can differentiate
+    out.float().sum().backward()
+    assert layer.weight.grad is not None
+    assert pack_weights(layer, enabled=False) == 1 and layer.packed is None
+
+
+@pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
+def test_packed_model_generates_what_the_plain_model_does(preset_dir, tmp_path):
+    from voxcpm_core.api import VoxCPM
+
+    plain = VoxCPM.from_pretrained(preset_dir / "base", device="cpu")  # the Python API default: not packed
+    fast = VoxCPM.from_pretrained(preset_dir / "base", device="cpu", optimize=None)  # the CLI default
+    assert all(getattr(m, "packed", None) is None for m in plain.model.modules())
+    packed = [m for m in fast.model.modules() if getattr(m, "packed", None) is not None]
+    assert len(packed) == sum(isinstance(m, Linear) for m in fast.model.modules()) > 0
+    a = plain.generate("packed weights", seed=3, max_len=6, retry_badcase=False)
+    b = fast.generate("packed weights", seed=3, max_len=6, retry_badcase=False)
+    assert a.shape == b.shape and float(abs(a - b).max()) < 1e-3
 
 
 @pytest.mark.parametrize("T, S, causal", [(5, 5, False), (9, 9, True), (3, 11, True), (1, 7, False)])

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.models.linear import linear
+from voxcpm_core.models.linear import PackedWeight, linear
 
 LM_STACKS = ("base_lm", "residual_lm")
 DIT_STACK = "feat_decoder.estimator"
@@ -61,6 +61,8 @@ def parse_lora_config(data: Mapping, source: str = "lora config") -> LoRAConfig:
 class LoRALinear(nn.Module):
     """A linear layer with a low-rank update; takes over the ``weight``/``bias`` of the linear it wraps."""
 
+    packed: PackedWeight | None = None  # the base weight prepacked for CPU inference (linear.pack_weights)
+
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -84,7 +86,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         update = F.linear(F.linear(x, self.lora_A), self.lora_B)
-        return linear(x, self.weight, self.bias) + self.lora_dropout(update) * self.scaling
+        return linear(x, self.weight, self.bias, self.packed) + self.lora_dropout(update) * self.scaling
 
     def merged_weight(self) -> torch.Tensor:
         """W + scaling * B A, computed in float32, in the weight's dtype."""

@@ -170,19 +170,20 @@ def load_for_adapters(
     lora_config: LoRAConfig | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    optimize: bool | None = None,
 ) -> VoxCPM:
     """Load the model once for rendering under ``adapters`` (none: the plain model), the first one loaded.
 
     ``model`` None means the adapters' ``base_model``. The LoRA structure is ``lora_config`` (e.g. a training
     YAML's) else the first adapter's; every adapter must fit it (same rank, alpha and targets). All adapters
-    are read and checked before the model loads.
+    are read and checked before the model loads. ``optimize`` as in ``VoxCPM.from_pretrained``.
     """
     if not adapters:
         if model is None:
             raise VoxCPMError(
                 "no model given: pass --ckpt-dir (or --lora-ckpt with a base_model in its lora_config.json)"
             )
-        return VoxCPM.from_pretrained(model, device=device, dtype=dtype)
+        return VoxCPM.from_pretrained(model, device=device, dtype=dtype, optimize=optimize)
     read = [read_adapter(path, lora_config) for path in adapters]
     for adapter in read:
         problems = adapter_problems(adapter)
@@ -211,7 +212,7 @@ def load_for_adapters(
             )
         model = bases[0]
     return VoxCPM.from_pretrained(
-        model, lora_config=lora_config, lora_weights_path=adapters[0], device=device, dtype=dtype
+        model, lora_config=lora_config, lora_weights_path=adapters[0], device=device, dtype=dtype, optimize=optimize
     )
 
 

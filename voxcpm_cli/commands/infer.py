@@ -88,6 +88,15 @@ def infer(
     ] = True,
     device: Device = DeviceChoice.auto,
     dtype: Dtype = DtypeChoice.auto,
+    optimize: Annotated[
+        bool | None,
+        typer.Option(
+            "--optimize/--no-optimize",
+            help="CPU: prepack weights for oneDNN (faster, one more copy of the weights in memory); "
+            "CUDA: torch.compile. Default: on for CPU, off for CUDA.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Synthesize speech into WAV files; with --prompt-audio/--prompt-text, clone that voice.
 
@@ -114,6 +123,7 @@ def infer(
         lora_config,
         device.value,
         None if dtype is DtypeChoice.auto else dtype.value,
+        optimize,
     )
     count = 0
     for done in render(tts, utterances, output_dir or Path("."), adapters, options, seed):

@@ -82,25 +82,31 @@ class UnifiedCFM(nn.Module):
         noise: torch.Tensor,  # [N, D, P] initial x at t = 1
         sway_coef: float = 1.0,
     ) -> torch.Tensor:
-        """Euler integration from t=1 to t=0 over a sway-warped grid with CFG-zero-star guidance -> [N, D, P]."""
+        """Euler integration from t=1 to t=0 over a sway-warped grid with CFG-zero-star guidance -> [N, D, P].
+
+        The conditional and unconditional rows run as one batch of 2N through the LocDiT; that batch,
+        the condition tokens and the time embeddings of every step are built once per call.
+        """
         N = mu.shape[0]
+        dit = self.estimator
         t_span = torch.linspace(1, 0, n_timesteps + 1, device=mu.device, dtype=mu.dtype)
         t_span = t_span + sway_coef * (torch.cos(math.pi / 2 * t_span) - 1 + t_span)
         zero_init_steps = max(1, int((n_timesteps + 1) * 0.04))
+        steps = range(zero_init_steps + 1, n_timesteps + 1)  # CFG-zero-star: the first step(s) keep x
+        times = t_span[[s - 1 for s in steps]]  # [S]
+        first = dit.time_embedding(times, torch.zeros_like(times))  # [S, H_dit]
         mu_in = torch.cat([mu, torch.zeros_like(mu)])  # [2N, H_dit]: conditional rows, then unconditional
-        cond_in = torch.cat([cond, cond])
+        first = mu_in[None] + first[:, None]  # [S, 2N, H_dit]
+        cond_tokens = dit.embed_cond(torch.cat([cond, cond]))  # [2N, P', H_dit]
         x = noise
-        for step in range(1, n_timesteps + 1):
-            t, dt = t_span[step - 1], t_span[step - 1] - t_span[step]
-            if step <= zero_init_steps:  # CFG-zero-star: the first step(s) keep x
-                continue
-            t_in = t.expand(2 * N)
-            v_cond, v_uncond = self.estimator(
-                torch.cat([x, x]), mu_in, t_in, cond_in, torch.zeros_like(t_in)
-            ).chunk(2)
+        x_in = torch.empty((2 * N, *noise.shape[1:]), device=noise.device, dtype=noise.dtype)  # [2N, D, P]
+        for i, step in enumerate(steps):
+            x_in[:N] = x
+            x_in[N:] = x
+            v_cond, v_uncond = dit.velocity(x_in, first[i], cond_tokens).chunk(2)
             # optimal scale s* projecting the conditional onto the unconditional velocity, per sample
             dot = (v_cond.reshape(N, -1) * v_uncond.reshape(N, -1)).sum(1)
             s_star = (dot / (v_uncond.reshape(N, -1).pow(2).sum(1) + 1e-8)).view(N, 1, 1)
             v = v_uncond * s_star + cfg_value * (v_cond - v_uncond * s_star)
-            x = x - dt * v
+            x = x - (t_span[step - 1] - t_span[step]) * v
         return x
