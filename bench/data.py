@@ -1,13 +1,15 @@
 """Latent-cache build rate at the real VoxCPM1.5 VAE size (random weights, CPU float32); prints one JSON object.
 
-    python bench/data.py [--clips 8] [--seconds 5] [--threads 2] [--batch-clips 1 4]
+    python bench/data.py [--clips 8] [--seconds 5] [--threads 2] [--batch-clips 1 4] [--machine-seconds 0.5]
 
 Writes ``--clips`` WAV clips of ``--seconds`` (44.1 kHz tones) to a temporary folder and fills a fresh
 latent cache from them exactly as training does (file hashing, audio decoding on the worker threads,
 batched VAE encoding, atomic writes), once per ``--batch-clips`` value (clips per VAE call), first with
 glibc's default malloc (as `voxcpm train full` runs), then with voxcpm_core.memory.keep_freed_memory
 (as `voxcpm train lora` and `--dry-run` run). Reports clips per second and seconds per clip beside the
-reference's 4.57 s per 5 s clip.
+reference's 4.57 s per 5 s clip, and the VAE encoder's FLOP/s (convolution FLOPs of one clip, counted
+by torch's FlopCounterMode) as a fraction of this machine's float32 matmul peak (bench/machine.py,
+measured in the same run).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +26,15 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from torch.utils.flop_counter import FlopCounterMode
+
 from voxcpm_core.config import parse_model_config
 from voxcpm_core.data.latent_cache import LatentCache
 from voxcpm_core.memory import keep_freed_memory
 from voxcpm_core.models.audio_vae import AudioVAE
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import matmul_gflops  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEFAULT_CONFIG = SHARED / "models" / "VoxCPM1.5" / "config.json"
@@ -43,6 +51,14 @@ def write_clips(folder: Path, count: int, seconds: float, sample_rate: int) -> l
     return paths
 
 
+def encode_flops_per_clip(vae: AudioVAE, seconds: float) -> int:
+    """FLOPs of one VAE encode of a ``seconds`` clip."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        vae.encode(torch.zeros(1, 1, round(seconds * vae.sample_rate)))
+    return counter.get_total_flops()
+
+
 def reference_seconds_per_clip() -> float | None:
     if not REFERENCE.is_file():
         return None
@@ -57,6 +73,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-clips", type=int, nargs="+", default=[1, 4], help="clips per VAE call, one build each")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--machine-seconds", type=float, default=0.5, help="per machine-limit figure; 0 skips it")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -64,6 +81,8 @@ def main() -> None:
     config = parse_model_config(json.loads(args.config.read_text()), source=str(args.config))
     vae = AudioVAE(config.audio_vae_config).eval()
     reference = reference_seconds_per_clip()
+    peak = matmul_gflops(torch.float32, args.machine_seconds)["peak_gflops"] if args.machine_seconds > 0 else None
+    gflop_per_clip = encode_flops_per_clip(vae, args.seconds) / 1e9
     builds = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_clips(Path(tmp), args.clips, args.seconds, vae.sample_rate)
@@ -83,6 +102,8 @@ def main() -> None:
                     "clips_per_s": args.clips / elapsed,
                     "s_per_clip": elapsed / args.clips,
                     "speedup_vs_reference": reference * args.clips / elapsed if reference else None,
+                    "encode_gflops": gflop_per_clip * args.clips / elapsed,
+                    "fraction_of_matmul_peak": gflop_per_clip * args.clips / elapsed / peak if peak else None,
                     "latents_shape": list(LatentCache.load(entries[0]).shape),
                 })
     print(json.dumps({
@@ -92,6 +113,8 @@ def main() -> None:
         "clip_seconds": args.seconds,
         "vae_params": sum(p.numel() for p in vae.parameters()),
         "reference_s_per_clip": reference,
+        "encode_gflop_per_clip": gflop_per_clip,
+        "machine_matmul_peak_gflops_float32": peak,
         "builds": builds,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }, indent=1))

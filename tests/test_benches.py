@@ -1,0 +1,59 @@
+"""The benches keep working with their documented options: each runs on a tiny official model and prints
+one JSON object whose figures sit beside the machine limits and the goals of issue 6."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import official_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture
+def tiny() -> Path:
+    return official_dir("v15-tiny") / "base"
+
+
+def test_train_bench_reports_steps_beside_the_matmul_peak(tiny):
+    out = _bench("train.py", "--config", str(tiny / "config.json"), "--runs", "lora", "full",
+                 "--steps", "1", "--warmup", "1", "--machine-seconds", "0.01", "--threads", "1")
+    assert out["machine"]["summary"]["matmul_gflops_float32"] > 0
+    runs = {run["run"]: run for run in out["runs"]}
+    assert set(runs) == {"lora", "full"}
+    for run in runs.values():
+        assert run["median_fwd_bwd_s"] > 0 and run["peak_rss_gib"] > 0
+        assert 0 < run["fraction_of_matmul_peak"] == pytest.approx(run["fwd_bwd_gflops"] / run["machine_matmul_peak_gflops"])
+        assert all(isinstance(goal["met"], bool) for goal in run["goals"])
+    assert runs["lora"]["trainable_params"] < runs["full"]["trainable_params"] == runs["full"]["total_params"]
+
+
+def test_infer_bench_reports_patches_beside_the_stream_limit(tiny):
+    out = _bench("infer.py", "--model-dir", str(tiny), "--seconds", "0.3", "--timesteps", "3",
+                 "--machine-seconds", "0.01", "--threads", "1")
+    assert out["packed_weights"] is True
+    for dtype in ("float32", "bfloat16"):
+        run = out["runs"][dtype]
+        assert run["finite_audio"] and run["patches"] >= 2
+        assert run["fraction_of_stream_limit"] == pytest.approx(run["achieved_gbs"] / run["machine_stream_gbs"], abs=1e-3)  # rounded
+    assert out["bfloat16_vs_float32"]["latents_rel_l2"] < 0.5  # bf16 rounding, not a different generation
+
+
+def test_data_bench_reports_clips_beside_the_matmul_peak(tiny):
+    out = _bench("data.py", "--config", str(tiny / "config.json"), "--clips", "2", "--seconds", "0.5",
+                 "--batch-clips", "1", "2", "--machine-seconds", "0.01", "--threads", "1")
+    assert out["encode_gflop_per_clip"] > 0
+    assert {b["batch_clips"] for b in out["builds"]} == {1, 2}
+    for build in out["builds"]:
+        assert build["clips_per_s"] > 0 and build["fraction_of_matmul_peak"] > 0
