@@ -27,7 +27,7 @@ CkptDir = Annotated[
     Path,
     typer.Option("--ckpt-dir", help="Model directory (config.json, model.safetensors, audiovae.pth, tokenizer)."),
 ]
-Device = Annotated[DeviceChoice, typer.Option(help="Where to run: auto picks cuda, then mps, then cpu.")]
+Device = Annotated[DeviceChoice, typer.Option(help="Where to run: auto is cuda when available, else cpu (mps only when named).")]
 Dtype = Annotated[
     DtypeChoice,
     typer.Option(help="Weights dtype: auto is float32 on CPU and the config's dtype on GPU. The VAE stays float32."),
