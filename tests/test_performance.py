@@ -144,6 +144,7 @@ def test_packed_model_generates_what_the_plain_model_does(preset_dir, tmp_path):
     a = plain.generate("packed weights", seed=3, max_len=6, retry_badcase=False)
     b = fast.generate("packed weights", seed=3, max_len=6, retry_badcase=False)
     assert a.shape == b.shape and float(abs(a - b).max()) < 1e-3
+    assert any(m.packed._packed is not None for m in packed)  # the packed path ran (LocDiT rows)
 
 
 @pytest.mark.parametrize("T, S, causal", [(5, 5, False), (9, 9, True), (3, 11, True), (1, 7, False)])
