@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-
 from torch.utils.flop_counter import FlopCounterMode
 
 from voxcpm_core.config import parse_model_config

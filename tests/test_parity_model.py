@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_data import assert_close, reference_batch, reference_draws
 from safetensors.torch import load_file
 
 from voxcpm_core.checkpoint import read_model_config
@@ -15,8 +16,6 @@ from voxcpm_core.data.batch import TrainBatch, collate
 from voxcpm_core.models.flow_matching import FlowDraws
 from voxcpm_core.models.kv_cache import KVCache
 from voxcpm_core.models.voxcpm import VoxCPMModel
-
-RTOL = 1e-5  # relative to the largest magnitude of the reference tensor
 
 
 @functools.cache
@@ -37,30 +36,6 @@ def fx(preset_dir):
     model = VoxCPMModel(config)
     model.load_state_dict(weights, strict=True)
     return model.eval(), ref, info
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    err = (actual.detach().float() - expected.float()).abs().max().item()
-    scale = expected.float().abs().max().item()
-    assert err <= rtol * max(scale, 1e-12), f"max abs error {err:.3g} vs reference scale {scale:.3g}"
-
-
-def _reference_batch(ref: dict) -> TrainBatch:
-    get = lambda name: ref[f"train.batch.{name}"]  # noqa: E731
-    return TrainBatch(
-        text_tokens=get("text_tokens").long(),
-        text_mask=get("text_mask").float(),
-        audio_mask=get("audio_mask").float(),
-        loss_mask=get("loss_mask").float(),
-        labels=get("labels").long(),
-        audio_feats=get("audio_feats"),
-        dataset_ids=torch.zeros(get("text_tokens").shape[0], dtype=torch.long),
-    )
-
-
-def _reference_draws(ref: dict) -> FlowDraws:
-    return FlowDraws(cfg_keep=ref["train.rng.cfg_mask"].bool(), t=ref["train.rng.t"], z=ref["train.rng.z"])
 
 
 # ---- weights ----------------------------------------------------------------------------------
@@ -165,7 +140,7 @@ def test_cfm_sampler(fx):
 
 def test_collate_reproduces_reference_packer_layout(fx):
     _, ref, _ = fx
-    packed = _reference_batch(ref)
+    packed = reference_batch(ref)
     samples = []
     for b in range(packed.text_tokens.shape[0]):
         ids = packed.text_tokens[b]
@@ -224,7 +199,7 @@ def test_training_forward_losses_intermediates_and_gradients(fx):
     model.stop_proj.register_forward_hook(keep("stop_proj"))
     model.stop_head.register_forward_hook(keep("stop_head"))
 
-    out = model(_reference_batch(ref), _reference_draws(ref))
+    out = model(reference_batch(ref), reference_draws(ref))
     assert_close(out["loss/diff"], ref["train.base.loss_diff"])
     assert_close(out["loss/stop"], ref["train.base.loss_stop"])
 
@@ -233,7 +208,7 @@ def test_training_forward_losses_intermediates_and_gradients(fx):
     assert_close(seen["stop_proj"][0][0], ref["train.base.lm_hidden"])
     assert_close(seen["stop_head"][1], ref["train.base.stop_logits"])
     (y, mu, t, cond, dt), pred = seen["estimator"]
-    rows = _reference_batch(ref).loss_mask.flatten().nonzero().squeeze(1)  # the LocDiT sees the loss rows only
+    rows = reference_batch(ref).loss_mask.flatten().nonzero().squeeze(1)  # the LocDiT sees the loss rows only
     assert 0 < len(rows) < len(ref["train.rng.t"])
     assert_close(y, ref["train.base.estimator_y"][rows])
     assert_close(mu, (ref["train.compute_loss.dit_hidden"] * ref["train.rng.cfg_mask"][:, None])[rows])
@@ -256,14 +231,14 @@ def test_training_forward_draws_from_seed_like_reference(fx):
     model.train()
     torch.manual_seed(info["sub_seeds"]["train_forward"])
     with torch.no_grad():
-        out = model(_reference_batch(ref))
+        out = model(reference_batch(ref))
     assert_close(out["loss/diff"], ref["train.base.loss_diff"])
     assert_close(out["loss/stop"], ref["train.base.loss_stop"])
 
 
 def test_per_sample_losses_equal_single_sample_batches(fx):
     model, ref, _ = fx
-    batch, draws = _reference_batch(ref), _reference_draws(ref)
+    batch, draws = reference_batch(ref), reference_draws(ref)
     B, T = batch.text_tokens.shape
     with torch.no_grad():
         out = model(batch, draws)
@@ -285,7 +260,7 @@ def test_per_sample_losses_equal_single_sample_batches(fx):
 
 def test_prefill_then_decode_steps_match_full_sequence(fx):
     model, ref, _ = fx
-    batch = _reference_batch(ref)
+    batch = reference_batch(ref)
     audio = batch.audio_mask[0].nonzero().flatten()  # audio positions of sample 0
     end = int(audio[-1]) + 1
     split = int(audio[1]) + 1  # prefill text + two audio patches, then decode the rest
