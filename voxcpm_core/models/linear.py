@@ -116,4 +116,6 @@ def pack_weights(model: nn.Module, enabled: bool = True) -> int:
     modules = [m for m in model.modules() if hasattr(type(m), "packed")]
     for module in modules:
         module.packed = PackedWeight() if enabled else None
+        if enabled and module.weight.dtype in PACKABLE_DTYPES and module.weight.device.type == "cpu":
+            module.packed.get(module.weight)  # now, in one go, rather than at the first call
     return len(modules)
