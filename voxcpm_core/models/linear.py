@@ -20,7 +20,7 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16) if ONEDNN and torch.ops.mkldnn
 
 
 def onednn_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a [M, K] @ b [N, K]^T (+ bias [N]) -> [M, N] with oneDNN's float32 matmul (strided views allowed)."""
+    """a [M, K] @ b [N, K]^T (+ bias [N]) -> [M, N] on oneDNN; ``b`` plain (strided views allowed) or from PackedWeight."""
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [None], "")
 
 
