@@ -4,7 +4,8 @@
                           [--no-pack] [--machine-seconds 0.5] [--model-dir ../shared/models/VoxCPM1.5]
 
 Random weights (built from config.json, nothing is read from disk but the config and tokenizer), CPU,
-weights prepacked for oneDNN as `voxcpm infer` does on CPU (``--no-pack``: the plain weights).
+weights prepacked for oneDNN as `voxcpm infer` does on CPU (inference.pack_for_cpu_generation;
+``--no-pack``: the plain weights).
 Per dtype: seconds per generated patch of the AR loop (median over the patches after the first, so
 robust to other load; the mean includes the prefill), VAE decode time, real-time factor of the whole
 non-streaming generation, time to first audio of a streaming generation, and the weight bytes one patch
@@ -34,7 +35,6 @@ from torch import nn
 from voxcpm_core import inference
 from voxcpm_core.checkpoint import load_tokenizer, read_model_config
 from voxcpm_core.models.audio_vae import AudioVAE
-from voxcpm_core.models.linear import pack_weights
 from voxcpm_core.models.voxcpm import VoxCPMModel
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -167,7 +167,6 @@ def main() -> None:
     torch.manual_seed(0)
     model = VoxCPMModel(config).eval()
     vae = AudioVAE(config.audio_vae_config).eval()
-    pack_weights(model, enabled=not args.no_pack)
     build_s = time.perf_counter() - start
     patches = round(args.seconds * config.sample_rate / config.patch_samples)
     reference = None
@@ -179,6 +178,8 @@ def main() -> None:
     for name in sorted(args.dtypes, key=["float32", "bfloat16"].index):  # float32 first: .to() rounds the weights
         dtype = getattr(torch, name)
         model.to(dtype)
+        if not args.no_pack:
+            inference.pack_for_cpu_generation(model)
         measure(model, vae, tokenizer, 2, args.timesteps)  # warm-up
         run, *outputs[name] = measure(model, vae, tokenizer, patches, args.timesteps)
         if args.machine_seconds > 0:
