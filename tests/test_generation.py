@@ -362,6 +362,8 @@ def test_cli_infer_with_prompt_and_drawn_seed(preset_dir, tmp_path, monkeypatch,
         (["--prompt-text", "Hello."], "prompt text given without prompt audio"),
         (["--prompt-audio", "{prompt}"], "prompt audio given without prompt text"),
         (["--prompt-audio", "{missing}.wav", "--prompt-text", "Hello."], "prompt audio file not found"),
+        pytest.param(["--device", "cuda"], "device 'cuda' is not available here", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="this machine has CUDA")),  # fmt: skip
     ],
 )
 def test_cli_infer_errors_are_one_line(preset_dir, tmp_path, monkeypatch, capsys, args, message):

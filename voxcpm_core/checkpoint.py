@@ -194,11 +194,18 @@ def resolve_device(device: torch.device | str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as exc:
         raise VoxCPMError(
             f"device {device!r} is not valid ({_first_line(exc)}); use auto, cpu, cuda or mps"
         ) from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(resolved.type)
+    if available is not None and not available():
+        raise VoxCPMError(
+            f"device {str(device)!r} is not available here (torch {torch.__version__} sees no {resolved.type.upper()} "
+            "device); use --device cpu or --device auto"
+        )
+    return resolved
 
 
 def load_audio_vae(model_dir: Path, config: VoxCPMConfig, device: torch.device | str = "cpu") -> AudioVAE:
