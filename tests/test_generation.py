@@ -375,3 +375,9 @@ def test_cli_infer_errors_are_one_line(preset_dir, tmp_path, monkeypatch, capsys
     assert code == 1
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_cli_infer_output_must_be_a_wav_path(preset_dir, tmp_path, monkeypatch, capsys):
+    code, _, err = _run_cli(monkeypatch, capsys, "infer", "--ckpt-dir", str(preset_dir / "base"), "--text", "Hi.",
+                            "--output", str(tmp_path / "x.mp3"))  # fmt: skip
+    assert code == 2 and "ending in .wav" in err and not (tmp_path / "x.mp3").exists()

@@ -164,6 +164,8 @@ def _check_usage(
         )
     if text is not None and output is None and output_dir is None:
         raise typer.BadParameter("where to write the audio: --output FILE.wav", param_hint="'--output'")
+    if output is not None and output.suffix.lower() != ".wav":
+        raise typer.BadParameter(f"{output}: voxcpm writes WAV files; give a path ending in .wav", param_hint="'--output'")
     if len(adapters) > 1 and output is not None:
         raise typer.BadParameter(
             "several --lora-ckpt write one file per adapter: pass --output-dir instead",
