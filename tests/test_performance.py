@@ -154,6 +154,19 @@ def test_packed_model_generates_what_the_plain_model_does(preset_dir, monkeypatc
     assert reads  # generation read packed weights (the LocDiT's rows, at least)
 
 
+def test_decode_steps_build_no_autograd_graph(preset_dir):
+    """Generation runs in inference mode wherever it is called from (packed weights are read only there)."""
+    from voxcpm_core import inference
+
+    loaded = load_model_dir(preset_dir / "base")
+    cfg = loaded.model.config
+    inputs = inference.prepare_inputs(loaded.tokenizer, "no graph", None, cfg.patch_size, cfg.feat_dim)
+    opts = inference.SamplingOptions(inference_timesteps=3, max_len=2, retry_badcase=False)
+    assert torch.is_grad_enabled()
+    step = next(inference.decode_steps(loaded.model, inputs, opts, 2, torch.Generator().manual_seed(0)))
+    assert torch.is_inference(step.patch) and not step.patch.requires_grad
+
+
 @pytest.mark.parametrize("T, S, causal", [(5, 5, False), (9, 9, True), (3, 11, True), (1, 7, False)])
 def test_small_attention_matches_sdpa(T, S, causal):
     torch.manual_seed(0)

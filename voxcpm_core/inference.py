@@ -162,7 +162,6 @@ def prepare_inputs(tokenizer: TextTokenizer, text: str, prompt: Prompt | None, p
     return Inputs(text_tokens, text_mask, feats, 1 - text_mask, target_tokens)
 
 
-@torch.inference_mode()
 def pack_for_cpu_generation(model: VoxCPMModel) -> int:
     """Prepack (``linear.pack_weights``) the weights that CPU generation reads faster prepacked; returns how many.
 
@@ -176,6 +175,7 @@ def pack_for_cpu_generation(model: VoxCPMModel) -> int:
     return pack_weights(model.feat_encoder) + pack_weights(model.feat_decoder)
 
 
+@torch.inference_mode()
 def decode_steps(
     model: VoxCPMModel, inputs: Inputs, opts: SamplingOptions, max_len: int, generator: torch.Generator
 ) -> Iterator[Step]:
