@@ -4,9 +4,8 @@
 
 Writes ``--clips`` WAV clips of ``--seconds`` (44.1 kHz tones) to a temporary folder and fills a fresh
 latent cache from them exactly as training does (file hashing, audio decoding on the worker threads,
-batched VAE encoding, atomic writes), once per ``--batch-clips`` value (clips per VAE call), first with
-glibc's default malloc (as `voxcpm train full` runs), then with voxcpm_core.memory.keep_freed_memory
-(as `voxcpm train lora` and `--dry-run` run). Reports clips per second and seconds per clip beside the
+batched VAE encoding reusing freed memory, atomic writes), once per ``--batch-clips`` value (clips per VAE
+call). Reports clips per second and seconds per clip beside the
 reference's 4.57 s per 5 s clip, and the VAE encoder's FLOP/s (convolution FLOPs of one clip, counted
 by torch's FlopCounterMode) as a fraction of this machine's float32 matmul peak (bench/machine.py,
 measured in the same run).
@@ -16,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -29,7 +29,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from voxcpm_core.config import parse_model_config
 from voxcpm_core.data.latent_cache import LatentCache
-from voxcpm_core.memory import keep_freed_memory
 from voxcpm_core.models.audio_vae import AudioVAE
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -48,6 +47,10 @@ def write_clips(folder: Path, count: int, seconds: float, sample_rate: int) -> l
         sf.write(path, (0.3 * np.sin(2 * np.pi * (110 + 20 * i) * t)).astype(np.float32), sample_rate, subtype="PCM_16")
         paths.append(path)
     return paths
+
+
+def _rss_gib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def encode_flops_per_clip(vae: AudioVAE, seconds: float) -> int:
@@ -85,26 +88,22 @@ def main() -> None:
     builds = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_clips(Path(tmp), args.clips, args.seconds, vae.sample_rate)
-        for malloc in ("glibc-default", "keep-freed-memory"):  # in this order: the switch lasts for the process
-            if malloc == "keep-freed-memory" and not keep_freed_memory():
-                break
-            for batch_clips in args.batch_clips:
-                root = Path(tmp) / f"cache-{malloc}-{batch_clips}"
-                cache = LatentCache(root, vae, config.patch_size, max_batch_clips=batch_clips)
-                start = time.perf_counter()
-                entries = cache.ensure(paths)
-                elapsed = time.perf_counter() - start
-                builds.append({
-                    "malloc": malloc,
-                    "batch_clips": batch_clips,
-                    "build_s": elapsed,
-                    "clips_per_s": args.clips / elapsed,
-                    "s_per_clip": elapsed / args.clips,
-                    "speedup_vs_reference": reference * args.clips / elapsed if reference else None,
-                    "encode_gflops": gflop_per_clip * args.clips / elapsed,
-                    "fraction_of_matmul_peak": gflop_per_clip * args.clips / elapsed / peak if peak else None,
-                    "latents_shape": list(LatentCache.load(entries[0]).shape),
-                })
+        for batch_clips in args.batch_clips:
+            cache = LatentCache(Path(tmp) / f"cache{batch_clips}", vae, config.patch_size, max_batch_clips=batch_clips)
+            start = time.perf_counter()
+            entries = cache.ensure(paths)
+            elapsed = time.perf_counter() - start
+            builds.append({
+                "batch_clips": batch_clips,
+                "build_s": elapsed,
+                "clips_per_s": args.clips / elapsed,
+                "s_per_clip": elapsed / args.clips,
+                "speedup_vs_reference": reference * args.clips / elapsed if reference else None,
+                "encode_gflops": gflop_per_clip * args.clips / elapsed,
+                "fraction_of_matmul_peak": gflop_per_clip * args.clips / elapsed / peak if peak else None,
+                "rss_after_gib": _rss_gib(),  # the encoding's freed memory is handed back afterwards
+                "latents_shape": list(LatentCache.load(entries[0]).shape),
+            })
     print(json.dumps({
         "torch": torch.__version__,
         "threads": args.threads,

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,3 +284,33 @@ def test_train_lora_bf16_with_gradient_checkpointing_end_to_end(tmp_path):
 def test_keep_freed_memory_is_idempotent():
     first = keep_freed_memory()
     assert keep_freed_memory() == first
+
+
+REUSE_THEN_RETURN = """
+import os, torch
+from pathlib import Path
+from voxcpm_core.memory import reusing_freed_memory
+
+def rss_mib():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+def churn():  # 256 MiB allocated, touched and freed
+    torch.empty(64 * 2**20).fill_(1.0)
+
+base = rss_mib()
+with reusing_freed_memory():
+    churn()
+    inside = rss_mib()
+after = rss_mib()
+churn()
+print(inside - base, after - base, rss_mib() - base)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_reusing_freed_memory_keeps_it_inside_and_hands_it_back_after():
+    """In its own process: the switch is process-wide, and other tests may have made it permanent."""
+    out = subprocess.run([sys.executable, "-c", REUSE_THEN_RETURN], capture_output=True, text=True, check=True)
+    inside, after, later = map(float, out.stdout.split())
+    assert inside > 200  # freed but kept for reuse
+    assert after < 50 and later < 50  # handed back on exit; large blocks are unmapped again afterwards

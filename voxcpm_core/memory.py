@@ -7,30 +7,61 @@ VAE encode and ~0.6 s of a 4.8 s LoRA step. With every block on the heap and no 
 is reused without a fault; the process's RSS then stays at its high-water mark, which a training loop
 reaches every step anyway. Same as running with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647.
 
-Not for full fine-tuning: there weights, gradients and AdamW moments fill 4x the model, and a heap that
-is never trimmed fragments ~0.5 GiB above glibc's own peak (13.8 vs 13.3 GiB at the VoxCPM1.5 size).
-Once set it stays for the life of the process (glibc cannot go back to its adaptive thresholds).
+``keep_freed_memory`` switches for the rest of the process (LoRA training). Full fine-tuning keeps
+glibc's policy for its steps: there weights, gradients and AdamW moments fill 4x the model, and a heap
+that is never trimmed fragments ~0.5 GiB above glibc's own peak (13.8 vs 13.3 GiB at the VoxCPM1.5
+size); its VAE encoding uses ``reusing_freed_memory``, which switches back afterwards.
 """
 
 from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
+# where glibc's adaptive thresholds settle on 64-bit: mmap above 32 MiB, trim above twice that
+SETTLED_MMAP_THRESHOLD, SETTLED_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 32 * 2**20, 64 * 2**20, 65536
 _applied = False
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (both exist only in glibc)
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return None
+    return libc
+
+
+def _reuse(libc) -> bool:
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def keep_freed_memory() -> bool:
     """Switch glibc's malloc to reuse freed memory (process-wide, idempotent); False where there is no glibc."""
     global _applied
-    if _applied:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
-    _applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    libc = _libc()
+    if not _applied and libc is not None:
+        _applied = _reuse(libc)
     return _applied
+
+
+@contextmanager
+def reusing_freed_memory() -> Iterator[None]:
+    """Reuse freed memory inside the block; afterwards hand it back (``malloc_trim``) and set glibc's thresholds
+    to where its adaptive policy settles. A no-op after ``keep_freed_memory`` or without glibc."""
+    libc = None if _applied else _libc()
+    if libc is None or not _reuse(libc):
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        libc.mallopt(M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, SETTLED_TRIM_THRESHOLD)
+        libc.malloc_trim(0)

@@ -20,6 +20,7 @@ import os
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from voxcpm_core.audio import audio_info, load_audio
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.memory import reusing_freed_memory
 from voxcpm_core.models.audio_vae import AudioVAE
 
 ProgressFn = Callable[[int, int], None]  # (clips done, clips to do)
@@ -177,7 +179,12 @@ class LatentCache:
         batches = self._plan(todo)
         done = 0
         rate = self.vae.sample_rate
-        with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(_IO_THREADS) as io:
+        cpu = next(self.vae.parameters()).device.type == "cpu"
+        with (
+            reusing_freed_memory() if cpu else nullcontext(),  # ~2x faster VAE encoding: no page faults
+            ThreadPoolExecutor(1) as prefetch,
+            ThreadPoolExecutor(_IO_THREADS) as io,
+        ):
 
             def load(batch: list[tuple[Path, Path]]) -> list[np.ndarray]:
                 return list(io.map(lambda item: load_audio(item[1], rate), batch))
