@@ -14,8 +14,9 @@ fused AdamW and gradient clearing. Runs (each in its own fresh process, so its p
     full       full fine-tuning, float32
 
 Per run: seconds of forward, backward, clip, AdamW (+ clearing grads) per step (medians over --steps
-after --warmup steps: the steady state of a long run), peak RSS of the process (warm-up included), the
-matmul FLOPs of a step counted from the shapes that ran (torch's FlopCounterMode, recomputation
+after --warmup steps: the steady state of a long run), throughput of whole steps (sequence positions per
+second, text and audio patches with padding, and seconds of audio per second), peak RSS of the process
+(warm-up included), the matmul FLOPs of a step counted from the shapes that ran (torch's FlopCounterMode, recomputation
 included), and the FLOP/s achieved by forward+backward as a fraction of the machine's matmul peak for
 the run's dtype (bench/machine.py, measured first in the same invocation). ``other_cpu_load`` is the average number of cores other processes used meanwhile: above
 ~0.1 the timings are noisy. Goals and reference timings come from issue 6 / refperf_voxcpm15_cpu2t.json.
@@ -177,6 +178,7 @@ def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads
     load.start()
     measured = [step(i) for i in range(warmup_steps, warmup_steps + steps)]
     fwd_bwd = statistics.median(r["fwd_s"] + r["bwd_s"] for r in measured)
+    step_s = statistics.median(r["step_s"] for r in measured)
     step_gflop = (flops["forward"] + flops["backward"]) / 1e9
     return {
         "run": name,
@@ -194,7 +196,9 @@ def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads
         "median_fwd_bwd_s": fwd_bwd,
         "median_clip_s": statistics.median(r["clip_s"] for r in measured),
         "median_optim_s": statistics.median(r["optim_s"] for r in measured),
-        "median_step_s": statistics.median(r["step_s"] for r in measured),
+        "median_step_s": step_s,
+        "tokens_per_s": batch.text_tokens.numel() / step_s,  # sequence positions: text + audio patches + padding
+        "audio_s_per_s": BATCH * AUDIO_SECONDS / step_s,
         "peak_rss_gib": _peak_rss_gib(),
         "matmul_gflop_per_step": {"forward": flops["forward"] / 1e9, "backward": flops["backward"] / 1e9},
         "fwd_bwd_gflops": step_gflop / fwd_bwd,

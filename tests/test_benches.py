@@ -34,6 +34,7 @@ def test_train_bench_reports_steps_beside_the_matmul_peak(tiny):
     assert set(runs) == {"lora", "full"}
     for run in runs.values():
         assert run["median_fwd_bwd_s"] > 0 and run["peak_rss_gib"] > 0
+        assert run["tokens_per_s"] * run["median_step_s"] == pytest.approx(run["batch"]["B"] * run["batch"]["seq_len"])
         assert 0 < run["fraction_of_matmul_peak"] == pytest.approx(run["fwd_bwd_gflops"] / run["machine_matmul_peak_gflops"])
         assert all(isinstance(goal["met"], bool) for goal in run["goals"])
     assert runs["lora"]["trainable_params"] < runs["full"]["trainable_params"] == runs["full"]["total_params"]
