@@ -24,6 +24,7 @@ import torch
 from voxcpm_core.audio import load_audio
 from voxcpm_core.config import AudioVAEConfig
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.memory import reusing_freed_memory
 from voxcpm_core.models.audio_vae import AudioVAE
 from voxcpm_core.models.kv_cache import KVCache
 from voxcpm_core.models.linear import pack_weights
@@ -228,7 +229,7 @@ def decode_patches(vae: AudioVAE, patches: torch.Tensor) -> torch.Tensor:
     """patches [n, P, D] -> waveform [n * P * hop] float32 (VAE in float32)."""
     n, P, D = patches.shape
     latents = patches.float().permute(2, 0, 1).reshape(1, D, n * P)  # [1, D, n*P]
-    with torch.inference_mode():
+    with torch.inference_mode(), reusing_freed_memory(latents.device.type == "cpu"):  # 2-3x faster on CPU
         return vae.decode(latents)[0, 0]
 
 
