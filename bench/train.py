@@ -116,8 +116,7 @@ def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads
     from voxcpm_core.training.trainer import patch_sums, sample_draws, weighted_loss_sum
 
     spec = RUNS[name]
-    if spec["lora"]:
-        keep_freed_memory()  # as voxcpm_core.training.trainer.train does for LoRA on CPU
+    keep_freed_memory()  # as voxcpm_core.training.trainer.train does on CPU
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = torch.device("cpu")

@@ -1,18 +1,18 @@
 """Process memory policy for CPU work: keep freed memory for reuse instead of handing it back.
 
 glibc's malloc serves large blocks with mmap and unmaps them when freed, and trims the heap's top;
-a training step (or a VAE encode) allocates and frees GBs of activations, so every step faults them
-in again page by page. On the 2-core VM of the benches that is 2.5 M page faults (3.5 s) of a 5.2 s
-VAE encode and ~0.6 s of a 4.8 s LoRA step. With every block on the heap and no trimming the memory
-is reused without a fault; the process's RSS then stays at its high-water mark, which a training loop
-reaches every step anyway. Same as running with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647.
+a training step (or a VAE encode) allocates and frees GBs of activations (and, in full fine-tuning,
+gradients), so every step faults them in again page by page. With every block on the heap and no
+trimming the memory is reused without a fault; the process's RSS then stays at its high-water mark,
+which a training loop reaches every step anyway. Same as running with MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=2147483647. Measured at the VoxCPM1.5 size on a 2-core VM: a LoRA step
+2.6 -> 2.1 s, a full fine-tuning step 6.0 -> 4.4 s at the same peak RSS (13.3 GiB) with fixed
+shapes, +2 % peak (14.7 vs 14.4 GiB) with batch shapes changing every step.
 
-``keep_freed_memory`` switches for the rest of the process (LoRA training). Full fine-tuning keeps
-glibc's policy for its steps: there weights, gradients and AdamW moments fill 4x the model, and a heap
-that is never trimmed fragments ~0.5 GiB above glibc's own peak (13.8 vs 13.3 GiB at the VoxCPM1.5
-size). ``reusing_freed_memory`` switches for one block and hands the memory back afterwards: VAE
-encoding into the latent cache (every mode) and VAE decoding in generation (2-3x faster on that VM).
-Weights are best allocated outside it: glibc's mmap'ed blocks stream faster in generation.
+``keep_freed_memory`` switches for the rest of the process (training on CPU).
+``reusing_freed_memory`` switches for one block and hands the memory back afterwards: VAE encoding
+into the latent cache and VAE decoding in generation (2-3x faster on that VM). Weights are best
+allocated outside it: glibc's mmap'ed blocks stream faster in generation.
 """
 
 from __future__ import annotations

@@ -358,10 +358,8 @@ class TrainResult:
 def train(cfg: TrainConfig, mode: str, reporter: Reporter | None = None, skip_bad: bool = False) -> TrainResult:
     """Run (or resume) a fine-tuning run end to end; see the module docstring."""
     dist = Dist.from_env()
-    if dist.device.type == "cpu" and mode == "lora":
-        # steps reuse freed memory instead of faulting it in again; full fine-tuning keeps glibc's
-        # trimming, whose lower peak (weights + grads + AdamW moments) matters more there
-        keep_freed_memory()
+    if dist.device.type == "cpu":
+        keep_freed_memory()  # steps reuse freed memory instead of faulting it in again
     reporter = reporter if reporter is not None and dist.is_main else Reporter()
     try:
         session = build_session(cfg, mode, reporter, skip_bad, dist)
