@@ -97,6 +97,24 @@ def test_stack_outputs_compute_only_the_positions_read(preset_dir):
         model.base_lm(x[..., : model.base_lm.config.hidden_size], outputs=slice(0, 1))
 
 
+def test_onednn_linear_saves_a_row_slice_contiguous_for_the_weight_gradient():
+    """The last layer of the local encoder reads one position per patch: a strided view whose transpose
+    sends oneDNN's weight-gradient matmul to its reference kernel."""
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 5, 32, requires_grad=True)
+    w = torch.randn(16, 32, requires_grad=True)
+    x = hidden[:, :1]  # [6, 1, 32], row stride 5 * 32
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        y = linear(x, w)
+    assert saved and all(s.is_contiguous() for s in saved)
+    g = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (hidden, w), g)
+    expected = torch.autograd.grad(F.linear(x, w), (hidden, w), g)
+    for a, e in zip(ours, expected, strict=True):
+        assert_close(a, e, rtol=1e-6)
+
+
 @pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
 def test_onednn_linear_matches_f_linear_and_keeps_no_input_for_frozen_weights():
     torch.manual_seed(0)
