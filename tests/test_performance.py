@@ -21,6 +21,7 @@ from voxcpm_core.builder import build_model_dir, tiny_config
 from voxcpm_core.checkpoint import load_lora_dir, load_model_dir
 from voxcpm_core.lora import LoRAConfig, LoRALinear, trainable_lora_parameters
 from voxcpm_core.memory import keep_freed_memory
+from voxcpm_core.models.kv_cache import KVCache
 from voxcpm_core.models.linear import ONEDNN, Linear, PackedWeight, linear, pack_weights
 from voxcpm_core.models.minicpm import RMSNorm, causal_mask, small_attention
 from voxcpm_core.training import precision as precision_module
@@ -297,6 +298,22 @@ def test_train_lora_bf16_with_gradient_checkpointing_end_to_end(tmp_path):
     state_dict, _ = load_lora_dir(tmp_path / "run" / "step_0000002")
     assert state_dict and all(t.dtype == torch.float32 for t in state_dict.values())
     assert list((tmp_path / "run" / "samples" / "step_0000002").glob("*.wav"))  # generation after bf16 steps
+
+
+def test_generation_allocates_its_kv_caches_once(preset_dir, monkeypatch):
+    from voxcpm_core import inference
+
+    loaded = load_model_dir(preset_dir / "base")
+    cfg = loaded.model.config
+    inputs = inference.prepare_inputs(loaded.tokenizer, "one cache per stack", None, cfg.patch_size, cfg.feat_dim)
+    opts = inference.SamplingOptions(inference_timesteps=3, min_len=5, max_len=5, retry_badcase=False)
+    made = []
+    for_stack = KVCache.for_stack.__func__
+    monkeypatch.setattr(KVCache, "for_stack", classmethod(lambda cls, *a, **k: made.append(a[2]) or for_stack(cls, *a, **k)))
+    steps = list(inference.decode_steps(loaded.model, inputs, opts, 5, torch.Generator().manual_seed(0)))
+    assert len(steps) == 5
+    S = inputs.text_tokens.shape[1]
+    assert made == [S + 5, S + 5]  # base and residual LM, sized for the whole generation up front
 
 
 def test_vae_decoding_in_generation_reuses_freed_memory_on_cpu(preset_dir, monkeypatch):
