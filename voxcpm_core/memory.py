@@ -11,8 +11,7 @@ shapes, +2 % peak (14.7 vs 14.4 GiB) with batch shapes changing every step.
 
 ``keep_freed_memory`` switches for the rest of the process (training on CPU).
 ``reusing_freed_memory`` switches for one block and hands the memory back afterwards: VAE encoding
-into the latent cache and VAE decoding in generation (2-3x faster on that VM). Weights are best
-allocated outside it: glibc's mmap'ed blocks stream faster in generation.
+into the latent cache and VAE decoding in generation (2-3x faster on that VM).
 """
 
 from __future__ import annotations
