@@ -1,6 +1,6 @@
 """Training-step speed and peak RSS at the real VoxCPM1.5 size, beside this machine's limits; prints one JSON object.
 
-    python bench/train.py [--runs lora lora-bf16 lora-gc full] [--steps 4] [--warmup 2] [--threads 2]
+    python bench/train.py [--runs lora lora-bf16 lora-gc full full-bf16] [--steps 4] [--warmup 2] [--threads 2]
                           [--machine-seconds 0.5] [--config ../shared/models/VoxCPM1.5/config.json]
 
 Random weights (the model is built from config.json, nothing is read or written on disk), CPU, a fixed
@@ -12,6 +12,7 @@ fused AdamW and gradient clearing. Runs (each in its own fresh process, so its p
     lora-bf16  the same with ``precision: bf16``
     lora-gc    the same as lora with ``gradient_checkpointing: true``
     full       full fine-tuning, float32
+    full-bf16  the same with ``precision: bf16`` (float32 master weights, bf16 autocast)
 
 Per run: seconds of forward, backward, clip, AdamW (+ clearing grads) per step (medians over --steps
 after --warmup steps: the steady state of a long run), throughput of whole steps (sequence positions per
@@ -49,6 +50,7 @@ RUNS = {
     "lora-bf16": dict(lora=True, precision="bf16", checkpointing=False),
     "lora-gc": dict(lora=True, precision="fp32", checkpointing=True),
     "full": dict(lora=False, precision="fp32", checkpointing=False),
+    "full-bf16": dict(lora=False, precision="bf16", checkpointing=False),
 }
 # issue 6's goals: (figure, at most, as a fraction of the reference's figure or None for an absolute value)
 GOALS = {
