@@ -1,6 +1,7 @@
-"""Latent-cache build rate at the real VoxCPM1.5 VAE size (random weights, CPU float32); prints one JSON object.
+"""Latent-cache build rate at the real VoxCPM1.5 VAE size (random weights, float32); prints one JSON object.
 
     python bench/data.py [--clips 8] [--seconds 5] [--threads 2] [--batch-clips 1 4] [--machine-seconds 0.5]
+                         [--device cpu|cuda]
 
 Writes ``--clips`` WAV clips of ``--seconds`` (44.1 kHz tones) to a temporary folder and fills a fresh
 latent cache from them exactly as training does (file hashing, audio decoding on the worker threads,
@@ -32,7 +33,7 @@ from voxcpm_core.data.latent_cache import LatentCache
 from voxcpm_core.models.audio_vae import AudioVAE
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import matmul_gflops  # noqa: E402
+from machine import device_name, matmul_gflops  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEFAULT_CONFIG = SHARED / "models" / "VoxCPM1.5" / "config.json"
@@ -57,7 +58,7 @@ def encode_flops_per_clip(vae: AudioVAE, seconds: float) -> int:
     """FLOPs of one VAE encode of a ``seconds`` clip."""
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        vae.encode(torch.zeros(1, 1, round(seconds * vae.sample_rate)))
+        vae.encode(torch.zeros(1, 1, round(seconds * vae.sample_rate), device=next(vae.parameters()).device))
     return counter.get_total_flops()
 
 
@@ -76,14 +77,16 @@ def main() -> None:
     parser.add_argument("--batch-clips", type=int, nargs="+", default=[1, 4], help="clips per VAE call, one build each")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--machine-seconds", type=float, default=0.5, help="per machine-limit figure; 0 skips it")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the VAE encodes")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = parse_model_config(json.loads(args.config.read_text()), source=str(args.config))
-    vae = AudioVAE(config.audio_vae_config).eval()
+    vae = AudioVAE(config.audio_vae_config).eval().to(device)
     reference = reference_seconds_per_clip()
-    peak = matmul_gflops(torch.float32, args.machine_seconds)["peak_gflops"] if args.machine_seconds > 0 else None
+    peak = matmul_gflops(torch.float32, args.machine_seconds, device)["peak_gflops"] if args.machine_seconds > 0 else None
     gflop_per_clip = encode_flops_per_clip(vae, args.seconds) / 1e9
     builds = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,6 +109,7 @@ def main() -> None:
             })
     print(json.dumps({
         "torch": torch.__version__,
+        "device": device_name(device),
         "threads": args.threads,
         "clips": args.clips,
         "clip_seconds": args.seconds,

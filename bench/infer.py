@@ -2,10 +2,12 @@
 
     python bench/infer.py [--threads 2] [--seconds 3] [--timesteps 10] [--dtypes float32 bfloat16]
                           [--no-pack] [--machine-seconds 0.5] [--model-dir ../shared/models/VoxCPM1.5]
+                          [--device cpu|cuda]
 
 Random weights (built from config.json, nothing is read from disk but the config and tokenizer), CPU,
 weights prepacked for oneDNN as `voxcpm infer` does on CPU (inference.pack_for_cpu_generation;
-``--no-pack``: the plain weights).
+``--no-pack``: the plain weights); ``--device cuda``: the plain weights on the GPU, as `voxcpm infer`
+runs there, peak GPU memory beside the RSS, no goals.
 Per dtype: seconds per generated patch of the AR loop (median over the patches after the first, so
 robust to other load; the mean includes the prefill), VAE decode time, real-time factor of the whole
 non-streaming generation, time to first audio of a streaming generation, and the weight bytes one patch
@@ -38,7 +40,7 @@ from voxcpm_core.models.audio_vae import AudioVAE
 from voxcpm_core.models.voxcpm import VoxCPMModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import weight_stream_gbs  # noqa: E402
+from machine import device_name, synchronize, weight_stream_gbs  # noqa: E402
 from train import OtherLoad  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -70,13 +72,14 @@ def weight_bytes_of_one_patch(steps) -> int:
 def measure(model, vae, tokenizer, patches: int, timesteps: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """-> (figures, generated patches [n, P, D] float32, waveform)."""
     cfg = model.config
+    device = model.enc_to_lm_proj.weight.device
     opts = inference.SamplingOptions(
         inference_timesteps=timesteps, min_len=patches, max_len=patches, retry_badcase=False
     )
     inputs = inference.prepare_inputs(tokenizer, TEXT, None, cfg.patch_size, cfg.feat_dim)
     assert inference.max_patches(inputs.target_tokens, patches) == patches, "text too short for --seconds"
 
-    steps = inference.decode_steps(model, inputs, opts, 3, torch.Generator().manual_seed(0))
+    steps = inference.decode_steps(model, inputs, opts, 3, torch.Generator(device).manual_seed(0))
     next(steps)
     weight_bytes = weight_bytes_of_one_patch(steps)
 
@@ -89,13 +92,15 @@ def measure(model, vae, tokenizer, patches: int, timesteps: int) -> tuple[dict, 
     start = time.perf_counter()  # the steps of inference.generate, timed one by one
     inputs = inference.prepare_inputs(tokenizer, TEXT, None, cfg.patch_size, cfg.feat_dim)
     steps, stamps = [], [start]
-    for step in inference.decode_steps(model, inputs, opts, patches, torch.Generator().manual_seed(0)):
+    for step in inference.decode_steps(model, inputs, opts, patches, torch.Generator(device).manual_seed(0)):
         steps.append(step)
+        synchronize(device)
         stamps.append(time.perf_counter())
     ar_s = stamps[-1] - start
     per_patch = sorted(b - a for a, b in zip(stamps[1:-1], stamps[2:], strict=True))  # after the first (prefill) patch
     generated = torch.stack([s.patch for s in steps]).float()
     wav = inference.decode_patches(vae, generated)
+    synchronize(device)
     total_s = time.perf_counter() - start
     other_load = load.stop()
     audio_s = len(wav) / vae.sample_rate
@@ -119,6 +124,7 @@ def measure(model, vae, tokenizer, patches: int, timesteps: int) -> tuple[dict, 
         "other_cpu_load": round(other_load, 2),
         "load_average_1min_after": round(os.getloadavg()[0], 2),
         "peak_rss_gib": round(_peak_rss_gib(), 2),
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
     }
     return figures, generated, wav
 
@@ -157,7 +163,9 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--no-pack", action="store_true", help="plain weights (voxcpm infer --no-optimize)")
     parser.add_argument("--machine-seconds", type=float, default=0.5, help="per machine-limit figure; 0 skips them")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     load_before = round(os.getloadavg()[0], 2)
 
@@ -165,8 +173,8 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model_dir)
     start = time.perf_counter()
     torch.manual_seed(0)
-    model = VoxCPMModel(config).eval()
-    vae = AudioVAE(config.audio_vae_config).eval()
+    model = VoxCPMModel(config).eval().to(device)
+    vae = AudioVAE(config.audio_vae_config).eval().to(device)
     build_s = time.perf_counter() - start
     patches = round(args.seconds * config.sample_rate / config.patch_samples)
     reference = None
@@ -178,17 +186,17 @@ def main() -> None:
     for name in sorted(args.dtypes, key=["float32", "bfloat16"].index):  # float32 first: .to() rounds the weights
         dtype = getattr(torch, name)
         model.to(dtype)
-        if not args.no_pack:
+        if device.type == "cpu" and not args.no_pack:
             inference.pack_for_cpu_generation(model)
         measure(model, vae, tokenizer, 2, args.timesteps)  # warm-up
         run, *outputs[name] = measure(model, vae, tokenizer, patches, args.timesteps)
         if args.machine_seconds > 0:
-            limit = weight_stream_gbs(dtype, args.machine_seconds, rows=1)["peak_gbs"]  # right after the run
+            limit = weight_stream_gbs(dtype, args.machine_seconds, 1, device)["peak_gbs"]  # right after the run
             run["machine_stream_gbs"] = round(limit, 2)
             run["fraction_of_stream_limit"] = round(run["achieved_gbs"] / limit, 3)
         if reference is not None:
             run["speedup_vs_reference_s_per_patch"] = round(reference["s_per_patch_ar"] / run["s_per_patch_median"], 2)
-        run["goal"] = check_goal(name, run, reference)
+        run["goal"] = check_goal(name, run, reference) if device.type == "cpu" else None  # the goals are the CPU's
         runs[name] = run
 
     result = {
@@ -196,8 +204,9 @@ def main() -> None:
         "model": str(args.model_dir / "config.json"),
         "params_no_vae": sum(p.numel() for p in model.parameters()),
         "params_vae": sum(p.numel() for p in vae.parameters()),
+        "device": device_name(device),
         "threads": args.threads,
-        "packed_weights": not args.no_pack,
+        "packed_weights": device.type == "cpu" and not args.no_pack,
         "load_average_1min_before": load_before,
         "inference_timesteps": args.timesteps,
         "build_s": round(build_s, 2),

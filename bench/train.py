@@ -2,8 +2,10 @@
 
     python bench/train.py [--runs lora lora-bf16 lora-gc full full-bf16] [--steps 4] [--warmup 2] [--threads 2]
                           [--machine-seconds 0.5] [--config ../shared/models/VoxCPM1.5/config.json]
+                          [--device cpu|cuda]
 
-Random weights (the model is built from config.json, nothing is read or written on disk), CPU, a fixed
+Random weights (the model is built from config.json, nothing is read or written on disk), CPU (or
+``--device cuda``: GPU timings synchronised, peak GPU memory beside the RSS, no goals), a fixed
 batch of 2 samples of 30 text tokens + 5.12 s of audio given as latents (no VAE is built), and the
 trainer's own pieces: flow-matching draws, loss, precision setup, gradient checkpointing, clipping,
 fused AdamW and gradient clearing. Runs (each in its own fresh process, so its peak RSS is its own):
@@ -39,6 +41,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import device_name, measure_limits, summary, synchronize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -106,7 +111,7 @@ def _register_flop_formulas() -> None:
         return 10 * b * h * s_q * k_shape[2] * d  # recompute P, then dV, dP, dQ, dK
 
 
-def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads: int) -> dict:
+def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads: int, device_type: str) -> dict:
     from voxcpm_core.config import parse_model_config
     from voxcpm_core.data.batch import collate
     from voxcpm_core.lora import LoRAConfig, apply_lora
@@ -118,17 +123,18 @@ def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads
     from voxcpm_core.training.trainer import patch_sums, sample_draws, weighted_loss_sum
 
     spec = RUNS[name]
-    keep_freed_memory()  # as voxcpm_core.training.trainer.train does on CPU
+    device = torch.device(device_type)
+    if device.type == "cpu":
+        keep_freed_memory()  # as voxcpm_core.training.trainer.train does on CPU
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    device = torch.device("cpu")
     config = parse_model_config(json.loads(config_path.read_text()), source=str(config_path))
     start = time.perf_counter()
     model = VoxCPMModel(config)
     lora = LoRAConfig(enable_lm=True, enable_dit=True, r=32, alpha=64) if spec["lora"] else None
     if lora:
         apply_lora(model, lora)
-    model.train()
+    model.to(device).train()
     trainable = select_trainable(model, lora=lora is not None)
     precision = resolve_precision(spec["precision"], device)
     if precision.bf16 and lora:
@@ -144,28 +150,34 @@ def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads
          torch.randn(patches, config.patch_size, config.feat_dim, generator=gen), 0)
         for _ in range(BATCH)
     ]
-    batch = collate(samples)
+    batch = collate(samples)  # on the CPU, where the trainer draws the flow-matching noise from it
+    on_device = batch.to(device)
     lambdas, params = LossWeights(), [p for _, p in trainable]
     total_patches = float(batch.loss_mask.sum())
+
+    def stamp() -> float:
+        synchronize(device)
+        return time.perf_counter()
 
     def step(index: int, flops: dict | None = None) -> dict:
         """One optimizer step as the trainer takes it; with ``flops`` its matmul FLOPs are counted into it."""
         counters = {"forward": FlopCounterMode(display=False), "backward": FlopCounterMode(display=False)}
         counting = (lambda phase: counters[phase]) if flops is not None else (lambda phase: contextlib.nullcontext())
         draws = sample_draws(batch, config.dit_config.cfm_config, 0, index, device)
+        synchronize(device)
         usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         with counting("forward"), precision.autocast(device):
-            out = model(batch, draws)
-            loss = weighted_loss_sum(patch_sums(out, batch), lambdas) / total_patches
-        t1 = time.perf_counter()
+            out = model(on_device, draws)
+            loss = weighted_loss_sum(patch_sums(out, on_device), lambdas) / total_patches
+        t1 = stamp()
         with counting("backward"):
             loss.backward()
-        t2 = time.perf_counter()
+        t2 = stamp()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        t3 = time.perf_counter()
+        t3 = stamp()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        t4, usage1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        t4, usage1 = stamp(), resource.getrusage(resource.RUSAGE_SELF)
         if flops is not None:
             flops.update({phase: counter.get_total_flops() for phase, counter in counters.items()})
         return dict(fwd_s=t1 - t0, bwd_s=t2 - t1, clip_s=t3 - t2, optim_s=t4 - t3, step_s=t4 - t0, loss=float(loss),
@@ -200,7 +212,9 @@ def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads
         "median_step_s": step_s,
         "tokens_per_s": batch.text_tokens.numel() / step_s,  # sequence positions: text + audio patches + padding
         "audio_s_per_s": BATCH * AUDIO_SECONDS / step_s,
+        "device": device_name(device),
         "peak_rss_gib": _peak_rss_gib(),
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "matmul_gflop_per_step": {"forward": flops["forward"] / 1e9, "backward": flops["backward"] / 1e9},
         "fwd_bwd_gflops": step_gflop / fwd_bwd,
         "other_cpu_load": load.stop(),
@@ -240,7 +254,7 @@ def compare(result: dict, reference: dict, machine: dict | None) -> dict:
         result["machine_matmul_peak_gflops"] = peak
         result["fraction_of_matmul_peak"] = result["fwd_bwd_gflops"] / peak
     goals = []
-    for figure, limit, ref_figure in GOALS.get(name, []):
+    for figure, limit, ref_figure in GOALS.get(name, []) if result["device"] == "cpu" else []:  # CPU goals
         if ref_figure is not None:
             if not ref:
                 continue
@@ -265,28 +279,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--machine-seconds", type=float, default=0.5, help="per machine-limit figure; 0 skips them")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--one", choices=list(RUNS), help=argparse.SUPPRESS)  # child process: one run
     parser.add_argument("--machine-only", action="store_true", help=argparse.SUPPRESS)  # child: the limits
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.config, args.steps, max(1, args.warmup), args.threads)))
+        print(json.dumps(run_one(args.one, args.config, args.steps, max(1, args.warmup), args.threads, args.device)))
         return
     if args.machine_only:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from machine import measure_limits, summary
-
-        limits = measure_limits(args.threads, args.machine_seconds)
+        limits = measure_limits(args.threads, args.machine_seconds, args.device)
         print(json.dumps({"summary": summary(limits), **limits}))
         return
 
     machine = None
     if args.machine_seconds > 0:
-        machine = _child(["--machine-only", "--threads", str(args.threads), "--machine-seconds", str(args.machine_seconds)])
+        machine = _child(["--machine-only", "--threads", str(args.threads), "--machine-seconds", str(args.machine_seconds),
+                          "--device", args.device])
     reference = reference_numbers()
     results = []
     for name in args.runs:
         result = _child(["--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                         "--threads", str(args.threads), "--config", str(args.config)])
+                         "--threads", str(args.threads), "--config", str(args.config), "--device", args.device])
         results.append(compare(result, reference, machine["summary"] if machine else None))
     print(json.dumps({"torch": torch.__version__, "config": str(args.config), "machine": machine, "runs": results}, indent=1))
 

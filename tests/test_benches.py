@@ -29,11 +29,11 @@ def tiny() -> Path:
 def test_train_bench_reports_steps_beside_the_matmul_peak(tiny):
     out = _bench("train.py", "--config", str(tiny / "config.json"), "--runs", "lora", "full",
                  "--steps", "1", "--warmup", "1", "--machine-seconds", "0.01", "--threads", "1")
-    assert out["machine"]["summary"]["matmul_gflops_float32"] > 0
+    assert out["machine"]["summary"]["matmul_gflops_float32"] > 0 and out["machine"]["device"] == "cpu"
     runs = {run["run"]: run for run in out["runs"]}
     assert set(runs) == {"lora", "full"}
     for run in runs.values():
-        assert run["median_fwd_bwd_s"] > 0 and run["peak_rss_gib"] > 0
+        assert run["median_fwd_bwd_s"] > 0 and run["peak_rss_gib"] > 0 and run["peak_gpu_memory_gib"] is None
         assert run["tokens_per_s"] * run["median_step_s"] == pytest.approx(run["batch"]["B"] * run["batch"]["seq_len"])
         assert 0 < run["fraction_of_matmul_peak"] == pytest.approx(run["fwd_bwd_gflops"] / run["machine_matmul_peak_gflops"])
         assert all(isinstance(goal["met"], bool) for goal in run["goals"])
@@ -43,7 +43,7 @@ def test_train_bench_reports_steps_beside_the_matmul_peak(tiny):
 def test_infer_bench_reports_patches_beside_the_stream_limit(tiny):
     out = _bench("infer.py", "--model-dir", str(tiny), "--seconds", "0.3", "--timesteps", "3",
                  "--machine-seconds", "0.01", "--threads", "1")
-    assert out["packed_weights"] is True
+    assert out["packed_weights"] is True and out["device"] == "cpu"
     for dtype in ("float32", "bfloat16"):
         run = out["runs"][dtype]
         assert run["finite_audio"] and run["patches"] >= 2
@@ -54,7 +54,7 @@ def test_infer_bench_reports_patches_beside_the_stream_limit(tiny):
 def test_data_bench_reports_clips_beside_the_matmul_peak(tiny):
     out = _bench("data.py", "--config", str(tiny / "config.json"), "--clips", "2", "--seconds", "0.5",
                  "--batch-clips", "1", "2", "--machine-seconds", "0.01", "--threads", "1")
-    assert out["encode_gflop_per_clip"] > 0
+    assert out["encode_gflop_per_clip"] > 0 and out["device"] == "cpu"
     assert {b["batch_clips"] for b in out["builds"]} == {1, 2}
     for build in out["builds"]:
         assert build["clips_per_s"] > 0 and build["fraction_of_matmul_peak"] > 0
