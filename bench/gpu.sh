@@ -21,6 +21,7 @@ if [ "${1:-}" = prepare ]; then
     exit 0
 fi
 
+[ -d .gpu/model ] || { echo "bench/gpu.sh: no .gpu/: run 'bash bench/gpu.sh prepare' here first and carry .gpu" >&2; exit 1; }
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/voxcpm-site .gpu/wheels/*.whl
 export PYTHONPATH="$PWD:/tmp/voxcpm-site" PYTHONUNBUFFERED=1
 out="${OUT:-bench-gpu}"
