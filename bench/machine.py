@@ -46,12 +46,13 @@ def seconds_per_call(fn, budget_s: float, device: torch.device = CPU) -> float:
         fn()
     synchronize(device)
     calls, start = 0, time.perf_counter()
-    while calls % 8 or (elapsed := time.perf_counter() - start) < budget_s:  # a GPU is synchronised every 8 calls
-        fn()
-        calls += 1
-        if calls % 8 == 0:
-            synchronize(device)
-    return elapsed / calls
+    while True:
+        for _ in range(8):  # queued on a GPU, which is synchronised after each group
+            fn()
+        calls += 8
+        synchronize(device)
+        if (elapsed := time.perf_counter() - start) >= budget_s:
+            return elapsed / calls
 
 
 def _paths(dtype: torch.dtype, device: torch.device) -> dict:

@@ -164,8 +164,7 @@ def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads
         counters = {"forward": FlopCounterMode(display=False), "backward": FlopCounterMode(display=False)}
         counting = (lambda phase: counters[phase]) if flops is not None else (lambda phase: contextlib.nullcontext())
         draws = sample_draws(batch, config.dit_config.cfm_config, 0, index, device)
-        synchronize(device)
-        usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), stamp()
         with counting("forward"), precision.autocast(device):
             out = model(on_device, draws)
             loss = weighted_loss_sum(patch_sums(out, on_device), lambdas) / total_patches

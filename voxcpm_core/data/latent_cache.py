@@ -77,11 +77,12 @@ class LatentCache:
         max_batch_clips: int | None = None,
     ):
         self.vae = vae
+        self.device = next(vae.parameters()).device  # where the VAE encodes
         self.patch_size = patch_size
         self.patch_samples = vae.hop_length * patch_size  # waveform samples per LM position
         self.max_batch_samples = int(max_batch_seconds * vae.sample_rate)  # padded samples per VAE call
         if max_batch_clips is None:  # on CPU a batch is no faster per clip (bench/data.py) and B times larger
-            max_batch_clips = 1 if next(vae.parameters()).device.type == "cpu" else 16
+            max_batch_clips = 1 if self.device.type == "cpu" else 16
         self.max_batch_clips = max_batch_clips
         identity = f"{state_dict_sha256(vae)}|sr={vae.sample_rate}|hop={vae.hop_length}|patch={patch_size}"
         self.key = hashlib.sha256(identity.encode()).hexdigest()[:24]
@@ -178,9 +179,8 @@ class LatentCache:
         batches = self._plan(todo)
         done = 0
         rate = self.vae.sample_rate
-        on_cpu = next(self.vae.parameters()).device.type == "cpu"
         with (
-            reusing_freed_memory(on_cpu),  # ~2x faster VAE encoding: no page faults
+            reusing_freed_memory(self.device.type == "cpu"),  # ~2x faster VAE encoding: no page faults
             ThreadPoolExecutor(1) as prefetch,
             ThreadPoolExecutor(_IO_THREADS) as io,
         ):
@@ -211,12 +211,11 @@ class LatentCache:
         Each wave is right-padded with zeros to a multiple of hop*patch_size. The VAE is causal, so the
         extra zeros that line up a batch do not change a clip's own frames; they are cut off.
         """
-        param = next(self.vae.parameters())
         patches = [max(1, math.ceil(len(w) / self.patch_samples)) for w in wavs]
         batch = torch.zeros(len(wavs), 1, max(patches) * self.patch_samples)  # [B, 1, L]
         for row, wav in zip(batch, wavs, strict=True):
             row[0, : len(wav)] = torch.from_numpy(wav)
-        mu = self.vae.encode(batch.to(param.device)).float().cpu()  # [B, D, L / hop]
+        mu = self.vae.encode(batch.to(self.device)).float().cpu()  # [B, D, L / hop]
         out = []
         for row, a in zip(mu, patches, strict=True):
             frames = row[:, : a * self.patch_size]  # [D, A*P]
