@@ -24,8 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from voxcpm_core.models.linear import ONEDNN, PACKABLE_DTYPES, PackedWeight, onednn_mm
-from voxcpm_core.training.precision import cpu_bf16_flags
+from voxcpm_core.cpu.capability import cpu
+from voxcpm_core.models.linear import PackedWeight, onednn_mm
 
 HIDDEN, FFN = 1024, 4096
 MATMUL_SHAPES = [(128, HIDDEN, FFN), (128, FFN, HIDDEN), (576, HIDDEN, FFN), (576, FFN, HIDDEN)]  # (M, K, N)
@@ -55,16 +55,25 @@ def seconds_per_call(fn, budget_s: float, device: torch.device = CPU) -> float:
             return elapsed / calls
 
 
-def _paths(dtype: torch.dtype, device: torch.device) -> dict:
-    """name -> (prepare weight, matmul(x, prepared weight)) for every matmul path of ``dtype`` on ``device``."""
-    paths = {"default": (lambda w: w, F.linear)}
+def skipped_paths(dtype: torch.dtype, device: torch.device) -> dict[str, str]:
+    """The oneDNN paths of ``dtype`` this CPU has no kernel for: name -> why."""
     if device.type != "cpu":
-        return paths
-    if ONEDNN:
+        return {}
+    cap = cpu()
+    why = None if cap.onednn else "torch was built without oneDNN linear kernels"
+    if why is None and dtype == torch.bfloat16 and not cap.onednn_bf16:
+        why = f"oneDNN has no bfloat16 linear kernel on this CPU ({cap.describe()})"
+    return {} if why is None else {"onednn": why, "onednn_packed": why}
+
+
+def _paths(dtype: torch.dtype, device: torch.device) -> dict:
+    """name -> (prepare weight, matmul(x, prepared weight)) for every matmul path of ``dtype`` that runs on ``device``."""
+    paths = {"default": (lambda w: w, F.linear)}
+    if device.type == "cpu":
         paths["onednn"] = (lambda w: w, onednn_mm)
-    if dtype in PACKABLE_DTYPES:
         paths["onednn_packed"] = (lambda w: PackedWeight().get(w), onednn_mm)
-    return paths
+    skipped = skipped_paths(dtype, device)
+    return {name: path for name, path in paths.items() if name not in skipped}
 
 
 def matmul_gflops(dtype: torch.dtype, budget_s: float, device: torch.device = CPU) -> dict:
@@ -99,10 +108,12 @@ def weight_stream_gbs(dtype: torch.dtype, budget_s: float, rows: int, device: to
 def measure_limits(threads: int = 2, budget_s: float = 1.0, device: str = "cpu") -> dict:
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    out = {"threads": threads, "device": device_name(dev), "cpu_bf16_flags": sorted(cpu_bf16_flags()), "onednn": ONEDNN}
+    out = {"threads": threads, "device": device_name(dev), "cpu": cpu().to_dict(), "skipped_paths": {}}
     for name, dtype in DTYPES.items():
         out[f"matmul_{name}"] = matmul_gflops(dtype, budget_s, dev)
         out[f"stream_{name}"] = [weight_stream_gbs(dtype, budget_s, rows, dev) for rows in (1, 2)]
+        if skipped := skipped_paths(dtype, dev):
+            out["skipped_paths"][name] = skipped
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 from voxcpm_core.training import trainer
 from voxcpm_core.training.config import load_train_config
 from voxcpm_core.training.logging import read_metrics
-from voxcpm_core.training.precision import resolve_precision
+from voxcpm_core.cpu.capability import cpu
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = ("loss/diff", "loss/stop")
@@ -70,7 +70,7 @@ def main() -> None:
         "config": str(args.config),
         "steps": args.steps,
         "threads": args.threads,
-        "bf16_native": resolve_precision("bf16", torch.device("cpu")).bf16,
+        "cpu": cpu().to_dict(),
         "seconds": seconds,
         "goal": f"mean loss over the run within {GOAL_RELATIVE:.0%} of float32",
         "losses": comparison,

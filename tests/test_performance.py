@@ -19,6 +19,7 @@ from wavs import write_clip, write_manifest
 from voxcpm_cli.main import app
 from voxcpm_core.builder import build_model_dir, tiny_config
 from voxcpm_core.checkpoint import load_lora_dir, load_model_dir
+from voxcpm_core.cpu import capability
 from voxcpm_core.lora import LoRAConfig, LoRALinear, trainable_lora_parameters
 from voxcpm_core.memory import keep_freed_memory
 from voxcpm_core.models.kv_cache import KVCache
@@ -242,15 +243,18 @@ def test_gradient_checkpointing_gives_the_same_step_with_fewer_saved_activations
 # ---- bf16 ---------------------------------------------------------------------------------------
 
 
-def test_precision_resolution_and_fallback(monkeypatch):
+def test_precision_resolution_follows_native_bf16(monkeypatch):
     cpu = torch.device("cpu")
+    native = dataclasses.replace(capability.cpu(), native_bf16=True)
+    emulated = dataclasses.replace(capability.cpu(), native_bf16=False)
     assert resolve_precision("fp32", cpu).bf16 is False
-    assert resolve_precision("auto", cpu) == precision_module.Precision(bf16=False)  # fp32 on CPU, no notice
-    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(capability, "cpu", lambda: native)
+    assert resolve_precision("auto", cpu) == precision_module.Precision(bf16=True)  # the faster one, no notice
     assert resolve_precision("bf16", cpu) == precision_module.Precision(bf16=True)
-    monkeypatch.setattr(precision_module, "cpu_bf16_flags", set)
-    fallback = resolve_precision("bf16", cpu)
-    assert fallback.bf16 is False and "avx512_bf16" in fallback.notice and "float32" in fallback.notice
+    monkeypatch.setattr(capability, "cpu", lambda: emulated)
+    assert resolve_precision("auto", cpu) == precision_module.Precision(bf16=False)
+    explicit = resolve_precision("bf16", cpu)  # still bf16, with one line saying it is emulated
+    assert explicit.bf16 is True and "emulated" in explicit.notice and "\n" not in explicit.notice
 
 
 def test_lora_bf16_step_stores_frozen_linears_in_bf16_and_stays_close_to_fp32(preset_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -20,11 +21,17 @@ def set_verbose(verbose: bool) -> None:
     _state["verbose"] = verbose
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The engine's warnings (``warnings.warn``) as one yellow line, without Python's source-line echo."""
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", soft_wrap=True)
+
+
 def run_app(app: Callable[..., T]) -> None:
-    """Call the Typer app; a ``VoxCPMError`` prints as one line (a traceback with --verbose).
+    """Call the Typer app; a ``VoxCPMError`` prints as one line (a traceback with --verbose), a warning too.
 
     Usage errors keep click's handling (message and exit code 2).
     """
+    warnings.showwarning = _show_warning
     try:
         app()
     except VoxCPMError as exc:

@@ -98,18 +98,20 @@ class VoxCPM:
         lora_weights_path: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        optimize: bool | None = False,
+        optimize: bool | None = True,
         load_denoiser: bool = False,
     ) -> VoxCPM:
         """Load a model directory (or hub id) on ``device`` (default: CUDA if available, else CPU).
 
-        ``dtype`` defaults to float32 on CPU and the config's dtype on GPU (the VAE stays float32).
+        ``dtype`` defaults to the faster one for the device: on CPU bfloat16 where it has native bf16 dot
+        products, else float32; on GPU the config's dtype (the VAE stays float32).
         ``lora_config`` builds the LoRA structure; ``lora_weights_path`` (a LoRA checkpoint folder) also
         loads an adapter, its structure taken from its lora_config.json when ``lora_config`` is not given.
-        ``optimize=True`` compiles the transformer stacks with torch.compile on CUDA and, on CPU, prepacks
-        weights for oneDNN (``inference.pack_for_cpu_generation``: generation ~1.4x faster in float32,
-        ~1.35x in bfloat16, at the cost of a second copy of the packed weights in memory); ``None`` does
-        the CPU part and leaves CUDA uncompiled (the CLI's default).
+        ``optimize`` (default True, as upstream): on CPU, prepack weights for oneDNN
+        (``inference.pack_for_cpu_generation``), which costs memory for a second, packed copy of those
+        weights (float32: the local encoder and LocDiT; bfloat16: every linear; the README gives the sizes);
+        on CUDA, compile the transformer stacks with torch.compile. ``None`` does the CPU part only and
+        leaves CUDA uncompiled (the CLI's default); ``False`` runs the plain weights.
         """
         if load_denoiser:
             raise VoxCPMError("load_denoiser=True is not supported: voxcpm-tune has no denoiser; clean the prompt audio beforehand")

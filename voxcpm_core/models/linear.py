@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-PACKABLE_DTYPES = (torch.float32, torch.bfloat16) if ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+from voxcpm_core.cpu.capability import cpu
+
+ONEDNN = cpu().onednn
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16) if cpu().onednn_bf16 else (torch.float32,)
 
 
 def onednn_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,47 +1,31 @@
 """Training precision: which dtype the matmuls run in, and how the model is set up for it.
 
     fp32   everything in float32.
-    bf16   matmuls in bfloat16 under autocast, on CUDA and on CPUs with native bf16 instructions
-           (x86 avx512_bf16 / amx_bf16, Arm bf16); elsewhere float32 with a notice.
+    bf16   matmuls in bfloat16 under autocast, on every device. On a CPU without native bf16 dot
+           products (``voxcpm_core.cpu.capability``) the same numerics are emulated, slower, with a notice.
            LoRA: the frozen linear weights are stored in bfloat16 (half the memory, no per-step
            weight casts); adapters, embeddings, norms and the residual stream stay float32.
            Full fine-tuning keeps float32 master weights (autocast casts them per step).
-    auto   bf16 on CUDA, fp32 on CPU.
+    auto   whichever is faster here: bf16 on CUDA with bf16 support and on CPUs with native bf16,
+           fp32 elsewhere (bench/machine.py: an AVX2 CPU multiplies bf16 several times slower than fp32).
 """
 
 from __future__ import annotations
 
 import contextlib
-import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from voxcpm_core.cpu import capability
 from voxcpm_core.lora import LoRALinear
-
-CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags / Arm features with native bf16 math
-
-
-def cpu_bf16_flags() -> set[str]:
-    """The native-bf16 flags of this CPU, from /proc/cpuinfo (empty when unknown)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags |= set(value.split()) & CPU_BF16_FLAGS
-    return flags
 
 
 @dataclass(frozen=True)
 class Precision:
     bf16: bool  # matmuls in bfloat16 (autocast)
-    notice: str | None = None  # why a bf16 request fell back to float32
+    notice: str | None = None  # what the user should know about the choice (emulation, a fallback)
 
     def autocast(self, device: torch.device):
         """The autocast region of a forward (and of generation with a bf16 model); a no-op in fp32."""
@@ -50,21 +34,23 @@ class Precision:
         return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 in hardware (then bf16 is the faster choice there)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and capability.cpu().native_bf16
+
+
 def resolve_precision(requested: str, device: torch.device) -> Precision:
     """The precision a run uses for the YAML's ``precision`` on ``device``."""
-    if requested == "fp32" or (requested == "auto" and device.type != "cuda"):
+    native = native_bf16(device)
+    if requested == "fp32" or (requested == "auto" and not native):
         return Precision(bf16=False)
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return Precision(bf16=True)
-        return Precision(False, f"precision: {requested}: this GPU has no bfloat16 support; training in float32")
-    if device.type == "cpu" and cpu_bf16_flags():
+    if native or device.type not in ("cuda", "cpu"):
         return Precision(bf16=True)
-    return Precision(
-        False,
-        f"precision: bf16: this {device.type} ({platform.machine()}) has no native bfloat16 instructions "
-        "(avx512_bf16, amx_bf16 or Arm bf16), where bf16 would be slower than float32; training in float32",
-    )
+    if device.type == "cuda":
+        return Precision(False, f"precision: {requested}: this GPU has no bfloat16 support; training in float32")
+    return Precision(True, f"{capability.bf16_emulation_notice('precision: bf16')}; precision: auto picks the faster one")
 
 
 def store_frozen_linears_in_bf16(model: nn.Module) -> list[nn.Parameter]:

@@ -1,0 +1,81 @@
+"""The CPU capability module sees what the CPU and the environment's ISA caps allow, and the caps really
+change the kernels torch and oneDNN run (so CI on an AVX-512 machine can exercise the AVX2 paths)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from voxcpm_core.cpu import capability
+from voxcpm_core.cpu.capability import CAP_VARIABLES, cpu
+from voxcpm_core.models.linear import PACKABLE_DTYPES, linear
+
+# Prints what the code sees and which kernel oneDNN picked for one float32 linear (ONEDNN_VERBOSE=1).
+PROBE = """
+import json, torch
+from voxcpm_core.cpu.capability import cpu
+x, w = torch.randn(16, 64), torch.randn(32, 64)
+torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+print(json.dumps(cpu().to_dict()))
+"""
+
+
+def _probe(**caps: str) -> tuple[dict, str]:
+    """(capability seen, oneDNN's inner-product implementation) in a fresh process under ``caps``."""
+    env = {k: v for k, v in os.environ.items() if k not in CAP_VARIABLES} | caps | {"ONEDNN_VERBOSE": "1"}
+    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    kernels = [line.split(",")[6] for line in lines if line.startswith("onednn_verbose") and ",inner_product," in line]
+    assert kernels, proc.stdout[-2000:]
+    return json.loads(lines[-1]), kernels[0]
+
+
+def test_capability_agrees_with_torch_and_with_what_runs():
+    cap = cpu()
+    assert cap.isa == torch.backends.cpu.get_cpu_capability()
+    assert cap.caps == {k: os.environ[k] for k in CAP_VARIABLES if os.environ.get(k)}
+    assert set(cap.flags) <= set(capability.REPORTED_FLAGS)
+    if cap.native_bf16:
+        assert set(cap.flags) & capability.NATIVE_BF16_FLAGS
+    # the bf16 oneDNN kernel is claimed exactly when one runs
+    if cap.onednn:
+        x = torch.ones(2, 8, dtype=torch.bfloat16)
+        try:
+            torch.ops.mkldnn._linear_pointwise(x, torch.ones(4, 8, dtype=torch.bfloat16), None, "none", [None], "")
+            runs = True
+        except RuntimeError:
+            runs = False
+        assert cap.onednn_bf16 == (runs and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert (torch.bfloat16 in PACKABLE_DTYPES) == cap.onednn_bf16
+
+
+@pytest.mark.skipif(not cpu().onednn or cpu().machine not in ("x86_64", "AMD64"), reason="x86 oneDNN caps")
+def test_isa_caps_change_the_kernels_and_the_capability_seen():
+    avx2, avx2_kernel = _probe(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+    assert avx2["isa"] == "AVX2" and avx2["caps"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert avx2["native_bf16"] is False and avx2["onednn_bf16"] is False  # no bf16 kernel at AVX2
+    assert "avx2" in avx2_kernel and "avx512" not in avx2_kernel
+
+    low, low_kernel = _probe(ATEN_CPU_CAPABILITY="default", ONEDNN_MAX_CPU_ISA="SSE41")
+    assert low["isa"] == "DEFAULT"
+    assert "avx" not in low_kernel and low_kernel != avx2_kernel  # the cap moved oneDNN to another kernel
+
+    uncapped, kernel = _probe()
+    if "avx512f" in uncapped["flags"]:  # on an AVX-512 machine the AVX2 cap is a real step down
+        assert uncapped["isa"].startswith("AVX512") and "avx512" in kernel
+
+
+def test_bf16_linear_works_on_every_cpu_class():
+    """Without a bf16 oneDNN kernel the linear takes the path that always works, with bf16 numerics."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 32), torch.randn(16, 32), torch.randn(16)
+    out = linear(x.bfloat16(), w.bfloat16(), b.bfloat16())
+    expected = (x.bfloat16().float() @ w.bfloat16().float().T + b.bfloat16().float()).bfloat16()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2, atol=1e-2)
