@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from voxcpm_core.cpu.capability import cpu
 from voxcpm_core.training import trainer
 from voxcpm_core.training.config import load_train_config
 from voxcpm_core.training.logging import read_metrics
-from voxcpm_core.cpu.capability import cpu
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = ("loss/diff", "loss/stop")
