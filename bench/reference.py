@@ -45,13 +45,14 @@ import importlib.metadata
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 import types
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import OtherLoad, peak_rss_gib, run_child  # noqa: E402
 
 _STARTED = time.perf_counter()  # a run's wall_s counts from here; torch and the reference load after it
 
@@ -125,31 +126,6 @@ def _read_config(ref, model_dir: Path, dtype: str):
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-class OtherLoad:
-    """Average number of cores that other processes kept busy between start() and stop()."""
-
-    @staticmethod
-    def _busy_s() -> float:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-
-    @staticmethod
-    def _own_s() -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-
-    def start(self) -> None:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy_s(), self._own_s()
-
-    def stop(self) -> float:
-        wall = time.perf_counter() - self.t0
-        return round(max(0.0, (self._busy_s() - self.busy0) - (self._own_s() - self.own0)) / wall, 2)
-
-
 class LatentSource:
     """Stands where the reference's packer expects the AudioVAE and hands back given latents.
 
@@ -191,7 +167,7 @@ def run_lora_train(model_dir: Path, threads: int, warmup_steps: int, steps: int)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     build_s = time.perf_counter() - start
-    rss_after_build = _peak_rss_gib()
+    rss_after_build = peak_rss_gib()
 
     patch_len = int(vae.hop_length) * config.patch_size
     patches = round(AUDIO_SECONDS * vae.sample_rate / patch_len)
@@ -224,20 +200,20 @@ def run_lora_train(model_dir: Path, threads: int, warmup_steps: int, steps: int)
         loss.backward()
         t2 = time.perf_counter()
         if rss_fwd_bwd is None:  # before the first AdamW step allocates its state
-            rss_fwd_bwd = _peak_rss_gib()
+            rss_fwd_bwd = peak_rss_gib()
         # The trainer computes the gradient norm for its log with a max_norm that never clips.
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9)
         t3 = time.perf_counter()
         optimizer.step()
         t4 = time.perf_counter()
         return {"fwd_s": t1 - t0, "bwd_s": t2 - t1, "step_s": t2 - t0, "grad_norm_s": t3 - t2, "adamw_s": t4 - t3,
-                "full_step_s": t4 - t0, "loss": float(loss)}
+                "full_step_s": t4 - t0, "loss": float(loss), "peak_rss_gib": peak_rss_gib()}
 
     warmup = [step() for _ in range(warmup_steps)]
     load = OtherLoad()
     load.start()
     measured = [step() for _ in range(steps)]
-    other_load = load.stop()
+    other_load = round(load.stop(), 2)
     every = warmup + measured
     return {
         "mode": "lora-train",
@@ -260,7 +236,7 @@ def run_lora_train(model_dir: Path, threads: int, warmup_steps: int, steps: int)
         "adamw_step_first_s": every[0]["adamw_s"],  # allocates the optimizer state
         "adamw_step_second_s": every[1]["adamw_s"] if len(every) > 1 else None,
         "median_adamw_step_s": statistics.median(s["adamw_s"] for s in measured),
-        "peak_rss_incl_adamw_gib": _peak_rss_gib(),
+        "peak_rss_incl_adamw_gib": peak_rss_gib(),
         "other_cpu_load": other_load,
         "threads": threads,
         "wall_s": time.perf_counter() - _STARTED,
@@ -311,7 +287,7 @@ def run_generate(model_dir: Path, threads: int, seconds: float, timesteps: int, 
     t0 = time.perf_counter()
     wav = generate(patches)
     total_s = time.perf_counter() - t0
-    other_load = load.stop()
+    other_load = round(load.stop(), 2)
     for hook in hooks:
         hook.remove()
     if len(patch_stamps) != patches or len(decode_stamps) != 1:
@@ -344,7 +320,7 @@ def run_generate(model_dir: Path, threads: int, seconds: float, timesteps: int, 
         "s_per_patch_median": per_patch[len(per_patch) // 2] if per_patch else None,
         "s_per_patch_min": per_patch[0] if per_patch else None,
         "finite_audio": bool(torch.isfinite(wav).all()),
-        "peak_rss_gib": _peak_rss_gib(),
+        "peak_rss_gib": peak_rss_gib(),
         "other_cpu_load": other_load,
         "load_average_1min_before": load_before,
         "load_average_1min_after": round(os.getloadavg()[0], 2),
@@ -373,13 +349,6 @@ def _versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
     return found
-
-
-def _child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"bench/reference.py {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -416,7 +385,7 @@ def main() -> None:
             extra = ["--warmup", str(args.warmup), "--steps", str(args.steps)]
         else:
             extra = ["--seconds", str(args.seconds), "--timesteps", str(args.timesteps), "--dtype", args.dtype]
-        runs.append(_child(["--one", name, *common, *extra]))
+        runs.append(run_child(str(Path(__file__).resolve()), ["--one", name, *common, *extra]))
     print(json.dumps({
         "versions": _versions(),
         "threads": args.threads,

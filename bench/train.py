@@ -31,10 +31,8 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +42,9 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import device_name, measure_limits, summary, synchronize  # noqa: E402
+from measure import OtherLoad, peak_rss_gib, reference_runs, run_child  # noqa: E402
+
+from voxcpm_core.cpu.capability import cpu  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -57,9 +58,11 @@ RUNS = {
     "full": dict(lora=False, precision="fp32", checkpointing=False),
     "full-bf16": dict(lora=False, precision="bf16", checkpointing=False),
 }
-# issue 6's goals: (figure, at most, as a fraction of the reference's figure or None for an absolute value)
+# Goals: (figure, at most, as a fraction of the reference's figure or None for an absolute value). The
+# float32 LoRA step is issue 10's (every CPU class); the rest are issue 6's. A bf16 goal counts only where
+# the CPU multiplies bf16 natively: elsewhere bf16 is emulated and fp32 is the fast choice (precision: auto).
 GOALS = {
-    "lora": [("median_fwd_bwd_s", 0.6, "median_fwd_bwd_s")],
+    "lora": [("median_step_s", 0.5, "step_s")],
     "lora-bf16": [("median_fwd_bwd_s", 0.35, "median_fwd_bwd_s")],
     "lora-gc": [("peak_rss_gib", 4.3, None)],
     "full": [("median_step_s", 0.7, "step_s"), ("peak_rss_gib", 1.0, "peak_rss_gib")],
@@ -67,30 +70,6 @@ GOALS = {
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-
-
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-class OtherLoad:
-    """Cores used by other processes between start() and stop(), from /proc/stat minus this process."""
-
-    def _busy_s(self) -> float:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]
-        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-    def _own_s(self) -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-
-    def start(self) -> None:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy_s(), self._own_s()
-
-    def stop(self) -> float:
-        wall = time.perf_counter() - self.t0
-        return max(0.0, (self._busy_s() - self.busy0) - (self._own_s() - self.own0)) / wall
 
 
 def _register_flop_formulas() -> None:
@@ -212,7 +191,7 @@ def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads
         "tokens_per_s": batch.text_tokens.numel() / step_s,  # sequence positions: text + audio patches + padding
         "audio_s_per_s": BATCH * AUDIO_SECONDS / step_s,
         "device": device_name(device),
-        "peak_rss_gib": _peak_rss_gib(),
+        "peak_rss_gib": peak_rss_gib(),
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "matmul_gflop_per_step": {"forward": flops["forward"] / 1e9, "backward": flops["backward"] / 1e9},
         "fwd_bwd_gflops": step_gflop / fwd_bwd,
@@ -223,14 +202,12 @@ def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads
 # ---------------------------------------------------------------------------------------------- comparing
 
 
-def reference_numbers() -> dict:
-    """The reference's fwd+bwd and AdamW seconds and peak RSS per training mode (empty when the file is absent)."""
-    if not REFERENCE.is_file():
-        return {}
+def reference_numbers(runs: dict) -> dict:
+    """The reference's fwd+bwd and AdamW seconds and peak RSS per training mode, from its runs by mode."""
     found = {}
-    for run in json.loads(REFERENCE.read_text())["runs"]:
-        if run["mode"] in ("lora-train", "full-train"):
-            found[run["mode"].split("-")[0]] = {
+    for mode, run in runs.items():
+        if mode in ("lora-train", "full-train"):
+            found[mode.split("-")[0]] = {
                 "median_fwd_bwd_s": run["median_fwd_bwd_step_s"],
                 "adamw_s": run["adamw_step_second_s"],
                 "step_s": run["median_fwd_bwd_step_s"] + run["adamw_step_second_s"],
@@ -252,8 +229,11 @@ def compare(result: dict, reference: dict, machine: dict | None) -> dict:
         peak = machine[f"matmul_gflops_{dtype}"]
         result["machine_matmul_peak_gflops"] = peak
         result["fraction_of_matmul_peak"] = result["fwd_bwd_gflops"] / peak
+        # forward+backward if every matmul ran at the machine's peak: no kernel choice gets below it
+        result["fwd_bwd_floor_s"] = result["fwd_bwd_gflops"] * result["median_fwd_bwd_s"] / peak
     goals = []
-    for figure, limit, ref_figure in GOALS.get(name, []) if result["device"] == "cpu" else []:  # CPU goals
+    counted = result["device"] == "cpu" and (result["precision_used"] == "fp32" or cpu().native_bf16)
+    for figure, limit, ref_figure in GOALS.get(name, []) if counted else []:
         if ref_figure is not None:
             if not ref:
                 continue
@@ -261,13 +241,6 @@ def compare(result: dict, reference: dict, machine: dict | None) -> dict:
         goals.append({"figure": figure, "at_most": limit, "value": result[figure], "met": result[figure] <= limit})
     result["goals"] = goals
     return result
-
-
-def _child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"bench/train.py {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -279,6 +252,9 @@ def main() -> None:
     parser.add_argument("--machine-seconds", type=float, default=0.5, help="per machine-limit figure; 0 skips them")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--reference", type=Path, default=REFERENCE, help="the reference's figures (bench/reference.py JSON)")
+    parser.add_argument("--reference-python", metavar="PYTHON",
+                        help="measure the reference now, side by side: an interpreter with voxcpm==2.0.3 installed")
     parser.add_argument("--one", choices=list(RUNS), help=argparse.SUPPRESS)  # child process: one run
     parser.add_argument("--machine-only", action="store_true", help=argparse.SUPPRESS)  # child: the limits
     args = parser.parse_args()
@@ -292,15 +268,18 @@ def main() -> None:
 
     machine = None
     if args.machine_seconds > 0:
-        machine = _child(["--machine-only", "--threads", str(args.threads), "--machine-seconds", str(args.machine_seconds),
+        machine = run_child(__file__, ["--machine-only", "--threads", str(args.threads), "--machine-seconds", str(args.machine_seconds),
                           "--device", args.device])
-    reference = reference_numbers()
+    ref_runs, ref_source = reference_runs(args.reference, args.reference_python, ["lora-train"],
+                                          ["--threads", str(args.threads), "--model-dir", str(args.config.parent)])
+    reference = reference_numbers(ref_runs)
     results = []
     for name in args.runs:
-        result = _child(["--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
+        result = run_child(__file__, ["--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
                          "--threads", str(args.threads), "--config", str(args.config), "--device", args.device])
         results.append(compare(result, reference, machine["summary"] if machine else None))
-    print(json.dumps({"torch": torch.__version__, "config": str(args.config), "machine": machine, "runs": results}, indent=1))
+    print(json.dumps({"torch": torch.__version__, "config": str(args.config), "cpu": cpu().to_dict(), "machine": machine,
+                      "reference_source": ref_source, "runs": results}, indent=1))
 
 
 if __name__ == "__main__":
