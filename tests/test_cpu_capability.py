@@ -3,6 +3,7 @@ change the kernels torch and oneDNN run (so CI on an AVX-512 machine can exercis
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -79,3 +80,36 @@ def test_bf16_linear_works_on_every_cpu_class():
     expected = (x.bfloat16().float() @ w.bfloat16().float().T + b.bfloat16().float()).bfloat16()
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_generation_dtype_auto_is_bf16_only_with_native_bf16(native, monkeypatch):
+    from conftest import official_dir
+
+    from voxcpm_core.checkpoint import read_model_config, resolve_dtype
+
+    config = read_model_config(official_dir("v15-tiny") / "base")
+    monkeypatch.setattr(capability, "cpu", lambda: dataclasses.replace(cpu(), native_bf16=native))
+    host = torch.device("cpu")
+    assert resolve_dtype("auto", host, config) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype(None, host, config) == torch.float32  # training, merging and saving stay exact
+    assert resolve_dtype("float32", host, config) == torch.float32
+
+
+def test_explicit_bf16_on_a_cpu_without_native_bf16_says_so_in_one_line(monkeypatch, capsys, tmp_path):
+    from conftest import official_dir
+
+    from voxcpm_cli.main import main
+
+    monkeypatch.setattr(capability, "cpu", lambda: dataclasses.replace(cpu(), native_bf16=False))
+    out = tmp_path / "a.wav"
+    monkeypatch.setattr(sys, "argv", ["voxcpm", "infer", "--ckpt-dir", str(official_dir("v15-tiny") / "base"),
+                                      "--text", "Hi.", "--output", str(out), "--dtype", "bfloat16", "--max-len", "3",
+                                      "--seed", "1", "--device", "cpu"])
+    monkeypatch.setenv("COLUMNS", "300")
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err
+    assert exc.value.code in (0, None) and out.is_file()
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "emulated" in warnings[0] and "Traceback" not in err

@@ -210,7 +210,7 @@ def test_invalid_options_and_text_are_clear_errors(preset_dir):
 @pytest.mark.parametrize("run", RUNS)
 def test_api_generate_matches_reference(preset_dir, run):
     text, with_prompt = RUNS[run]
-    tts = VoxCPM.from_pretrained(preset_dir / "base", device="cpu")
+    tts = VoxCPM.from_pretrained(preset_dir / "base", device="cpu", dtype="float32")
     kwargs = _info(preset_dir)["generation"]["kwargs"]
     prompt = dict(
         prompt_wav_path=preset_dir / "prompt.wav",
@@ -236,7 +236,7 @@ def test_api_lora_hot_swap(preset_dir):
     speak = lambda tts: tts.generate("Hello world.", seed=seed, retry_badcase=False, **kwargs)  # noqa: E731
     base_wav, lora_wav = ref["gen.base.noprompt.wav"][0], ref["gen.lora.noprompt.wav"][0]
 
-    tts = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=preset_dir / "lora", device="cpu")
+    tts = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=preset_dir / "lora", device="cpu", dtype="float32")
     assert tts.lora_enabled
     _close(speak(tts), lora_wav)
     tts.set_lora_enabled(False)
@@ -251,7 +251,7 @@ def test_api_lora_hot_swap(preset_dir):
     _close(speak(tts), lora_wav)
 
     plain = VoxCPM.from_pretrained(
-        preset_dir / "base", device="cpu"
+        preset_dir / "base", device="cpu", dtype="float32"
     )  # no LoRA structure yet: taken from the adapter
     assert not plain.lora_enabled and plain.get_lora_state_dict() == {}
     plain.load_lora(preset_dir / "lora")
@@ -262,13 +262,13 @@ def test_api_lora_structure_mismatch_and_inferred_config(preset_dir, tmp_path):
     wrong_rank = LoRAConfig(enable_lm=True, enable_dit=True, enable_proj=True, r=2)
     with pytest.raises(VoxCPMError, match="rank"):
         VoxCPM.from_pretrained(
-            preset_dir / "base", lora_config=wrong_rank, lora_weights_path=preset_dir / "lora", device="cpu"
+            preset_dir / "base", lora_config=wrong_rank, lora_weights_path=preset_dir / "lora", device="cpu", dtype="float32"
         )
     bare = tmp_path / "adapter"
     bare.mkdir()
     shutil.copy(preset_dir / "lora" / "lora_weights.safetensors", bare)  # no lora_config.json
     with pytest.warns(UserWarning, match="alpha"):
-        tts = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=bare, device="cpu")
+        tts = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=bare, device="cpu", dtype="float32")
     official = json.loads((preset_dir / "lora" / "lora_config.json").read_text())["lora_config"]
     layers = dict(lora_modules(tts.model))
     assert set(layers) == {key.rpartition(".")[0] for key in load_file(bare / "lora_weights.safetensors")}
@@ -294,7 +294,7 @@ def test_api_from_pretrained_errors(preset_dir, tmp_path, monkeypatch):
 
 
 def test_api_prompt_needs_both_parts(preset_dir):
-    tts = VoxCPM.from_pretrained(preset_dir / "base", device="cpu")
+    tts = VoxCPM.from_pretrained(preset_dir / "base", device="cpu", dtype="float32")
     with pytest.raises(VoxCPMError, match="without prompt audio"):
         tts.generate("Hi.", prompt_text="Hello.")
     with pytest.raises(VoxCPMError, match="without prompt text"):

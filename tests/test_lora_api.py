@@ -35,7 +35,7 @@ def _speak(tts: VoxCPM, preset_dir: Path) -> np.ndarray:
 
 @functools.cache
 def _base_wav(preset_dir: Path) -> np.ndarray:
-    return _speak(VoxCPM.from_pretrained(preset_dir / "base", device="cpu"), preset_dir)
+    return _speak(VoxCPM.from_pretrained(preset_dir / "base", device="cpu", dtype="float32"), preset_dir)
 
 
 def _differs(a: np.ndarray, b: np.ndarray) -> bool:
@@ -57,7 +57,7 @@ def _other_adapter(preset_dir: Path, folder: Path, **config_changes) -> Path:
 
 def test_official_adapter_loads_fully_and_reproduces_the_reference(preset_dir):
     expected = reference_tensors(preset_dir)["gen.lora.noprompt.wav"][0].numpy()
-    tts = VoxCPM.from_pretrained(preset_dir / "base", device="cpu")
+    tts = VoxCPM.from_pretrained(preset_dir / "base", device="cpu", dtype="float32")
     loaded, skipped = tts.load_lora(preset_dir / "lora")
     adapter, _ = load_lora_dir(preset_dir / "lora")
     assert skipped == [] and sorted(loaded) == sorted(adapter)
@@ -67,7 +67,7 @@ def test_official_adapter_loads_fully_and_reproduces_the_reference(preset_dir):
 
 def test_swapping_equals_a_fresh_load_and_keeps_the_base_weights(preset_dir, tmp_path, monkeypatch):
     other = _other_adapter(preset_dir, tmp_path / "b")
-    tts = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=preset_dir / "lora", device="cpu")
+    tts = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=preset_dir / "lora", device="cpu", dtype="float32")
     wav_a = _speak(tts, preset_dir)
     base_weights = {
         k: (v.data_ptr(), v.clone()) for k, v in tts.model.state_dict().items() if "lora_" not in k
@@ -85,7 +85,7 @@ def test_swapping_equals_a_fresh_load_and_keeps_the_base_weights(preset_dir, tmp
         if "lora_" not in key:
             assert value.data_ptr() == base_weights[key][0] and torch.equal(value, base_weights[key][1]), key
 
-    fresh = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=other, device="cpu")
+    fresh = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=other, device="cpu", dtype="float32")
     assert np.array_equal(wav_b, _speak(fresh, preset_dir))
     assert _differs(wav_b, wav_a)  # B really is another adapter
     state = tts.get_lora_state_dict()
@@ -96,7 +96,7 @@ def test_swapping_equals_a_fresh_load_and_keeps_the_base_weights(preset_dir, tmp
 
 
 def test_disable_and_unload_give_the_base_model(preset_dir):
-    tts = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=preset_dir / "lora", device="cpu")
+    tts = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=preset_dir / "lora", device="cpu", dtype="float32")
     with_lora = _speak(tts, preset_dir)
     assert _differs(with_lora, _base_wav(preset_dir))
     tts.set_lora_enabled(False)
@@ -122,7 +122,7 @@ def test_disable_and_unload_give_the_base_model(preset_dir):
     ],
 )
 def test_an_adapter_of_another_structure_is_a_clear_error(preset_dir, tmp_path, change, message):
-    tts = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=preset_dir / "lora", device="cpu")
+    tts = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=preset_dir / "lora", device="cpu", dtype="float32")
     before = tts.get_lora_state_dict()
     other = _other_adapter(preset_dir, tmp_path / "other", **change)
     if not change.get("enable_proj", True):  # drop the projection tensors, as training without them would
@@ -139,5 +139,5 @@ def test_lora_config_given_explicitly_must_match_the_adapter(preset_dir):
     wrong = LoRAConfig(enable_lm=True, enable_dit=True, enable_proj=True, r=8, alpha=16)
     with pytest.raises(VoxCPMError, match=r"rank 4.*r=8"):
         VoxCPM.from_pretrained(
-            preset_dir / "base", lora_config=wrong, lora_weights_path=preset_dir / "lora", device="cpu"
+            preset_dir / "base", lora_config=wrong, lora_weights_path=preset_dir / "lora", device="cpu", dtype="float32"
         )

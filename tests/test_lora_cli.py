@@ -201,9 +201,9 @@ def test_merge_cli_equals_the_unmerged_adapter(preset_dir, tmp_path):
 
     seed = json.loads((preset_dir / "reference.json").read_text())["sub_seeds"]["generate"]
     with_adapter = VoxCPM.from_pretrained(
-        preset_dir / "base", lora_weights_path=preset_dir / "lora", device="cpu"
+        preset_dir / "base", lora_weights_path=preset_dir / "lora", device="cpu", dtype="float32"
     )
-    standalone = VoxCPM.from_pretrained(out, device="cpu")
+    standalone = VoxCPM.from_pretrained(out, device="cpu", dtype="float32")
     assert not standalone.lora_enabled
     a = with_adapter.generate("Hello world.", seed=seed, **GEN)
     b = standalone.generate("Hello world.", seed=seed, **GEN)
@@ -270,6 +270,8 @@ def _infer(*args) -> tuple[int, str]:
         "--no-retry-badcase",
         "--device",
         "cpu",
+        "--dtype",  # auto would be bfloat16 on CPUs with native bf16
+        "float32",
     )
 
 
@@ -321,7 +323,7 @@ def test_infer_several_adapters_renders_every_text_under_each(preset_dir, tmp_pa
     )
     assert "rendered 4 files (2 texts x 2 adapters)" in text
     for folder, adapter in ((official, preset_dir / "lora"), ("run_b-lora", other)):
-        tts = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=adapter, device="cpu")
+        tts = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=adapter, device="cpu", dtype="float32")
         for name, line in (("0001", "Hello world."), ("0003", "Second line.")):
             assert _close(_wav(out / folder / f"{name}.wav"), tts.generate(line, seed=5, **GEN)), (
                 folder,
@@ -344,7 +346,7 @@ def test_infer_batch_manifest_with_per_line_prompts(preset_dir, tmp_path):
     )
     assert code == 0, text
     assert sorted(p.name for p in out.iterdir()) == ["0002.wav", "greeting.wav"]
-    tts = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=preset_dir / "lora", device="cpu")
+    tts = VoxCPM.from_pretrained(preset_dir / "base", lora_weights_path=preset_dir / "lora", device="cpu", dtype="float32")
     expected = tts.generate(
         "Cloned.", prompt_wav_path=preset_dir / "prompt.wav", prompt_text="Hello.", seed=9, **GEN
     )

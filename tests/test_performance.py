@@ -159,8 +159,8 @@ def test_packed_weights_compute_the_same_and_follow_weight_changes(dtype, rows):
 def test_packed_model_generates_what_the_plain_model_does(preset_dir, monkeypatch):
     from voxcpm_core.api import VoxCPM
 
-    plain = VoxCPM.from_pretrained(preset_dir / "base", device="cpu")  # the Python API default: not packed
-    fast = VoxCPM.from_pretrained(preset_dir / "base", device="cpu", optimize=None)  # the CLI default
+    plain = VoxCPM.from_pretrained(preset_dir / "base", device="cpu", dtype="float32", optimize=False)
+    fast = VoxCPM.from_pretrained(preset_dir / "base", device="cpu", dtype="float32")  # the API default packs on CPU
     assert all(getattr(m, "packed", None) is None for m in plain.model.modules())
     packed = {name for name, m in fast.model.named_modules() if getattr(m, "packed", None) is not None}
     multi_row = {name for name, m in fast.model.named_modules() if isinstance(m, Linear)

@@ -97,13 +97,13 @@ class VoxCPM:
         lora_config: LoRAConfig | None = None,
         lora_weights_path: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
+        dtype: str | torch.dtype | None = "auto",
         optimize: bool | None = True,
         load_denoiser: bool = False,
     ) -> VoxCPM:
         """Load a model directory (or hub id) on ``device`` (default: CUDA if available, else CPU).
 
-        ``dtype`` defaults to the faster one for the device: on CPU bfloat16 where it has native bf16 dot
+        ``dtype`` "auto" is the faster one for the device: on CPU bfloat16 where it has native bf16 dot
         products, else float32; on GPU the config's dtype (the VAE stays float32).
         ``lora_config`` builds the LoRA structure; ``lora_weights_path`` (a LoRA checkpoint folder) also
         loads an adapter, its structure taken from its lora_config.json when ``lora_config`` is not given.

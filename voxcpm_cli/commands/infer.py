@@ -122,7 +122,7 @@ def infer(
         ckpt_dir if ckpt_dir is not None else yaml_base,
         lora_config,
         device.value,
-        None if dtype is DtypeChoice.auto else dtype.value,
+        dtype.value,
         optimize,
     )
     count = 0
