@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from voxcpm_core import inference
-from voxcpm_core.checkpoint import load_tokenizer, read_model_config
 from voxcpm_core.cpu.capability import cpu
+from voxcpm_core.generation import sampling as inference
+from voxcpm_core.io.checkpoint import load_tokenizer, read_model_config
 from voxcpm_core.models.audio_vae import AudioVAE
 from voxcpm_core.models.voxcpm import VoxCPMModel
 

@@ -4,7 +4,7 @@
 
 - matmul GFLOP/s in float32 and bfloat16 at the shapes of the VoxCPM1.5 stacks (hidden 1024, FFN 4096,
   128 to 576 rows), through torch's default path (MKL sgemm for float32 on CPU), oneDNN (what
-  voxcpm_core.models.linear uses for float32) and oneDNN on prepacked weights (what generation uses
+  voxcpm_core.cpu.kernels uses for float32) and oneDNN on prepacked weights (what generation uses
   with ``pack_weights``); ``peak_gflops`` is the best of all.
 - weight streaming GB/s: matrix-vector products (1 and 2 rows, as in generation with CFG) over
   512 MiB of weights, far more than the caches, in float32 and bfloat16, through the same paths:
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from voxcpm_core.cpu.capability import cpu
-from voxcpm_core.models.linear import PackedWeight, onednn_mm
+from voxcpm_core.cpu.kernels import PackedWeight, onednn_mm
 
 HIDDEN, FFN = 1024, 4096
 MATMUL_SHAPES = [(128, HIDDEN, FFN), (128, FFN, HIDDEN), (576, HIDDEN, FFN), (576, FFN, HIDDEN)]  # (M, K, N)

@@ -22,7 +22,7 @@ import torch
 from voxcpm_core.cpu.capability import cpu
 from voxcpm_core.training import trainer
 from voxcpm_core.training.config import load_train_config
-from voxcpm_core.training.logging import read_metrics
+from voxcpm_core.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = ("loss/diff", "loss/stop")

@@ -92,9 +92,9 @@ def _register_flop_formulas() -> None:
 
 def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads: int, device_type: str) -> dict:
     from voxcpm_core.config import parse_model_config
-    from voxcpm_core.data.batch import collate
-    from voxcpm_core.lora import LoRAConfig, apply_lora
-    from voxcpm_core.memory import keep_freed_memory
+    from voxcpm_core.cpu.memory import keep_freed_memory
+    from voxcpm_core.data.collate import collate
+    from voxcpm_core.models.lora import LoRAConfig, apply_lora
     from voxcpm_core.models.voxcpm import VoxCPMModel
     from voxcpm_core.training.config import LossWeights
     from voxcpm_core.training.optim import build_optimizer, select_trainable

@@ -1,4 +1,4 @@
-"""voxcpm_core.audio: header info, mono/resampled loading and atomic WAV writes, on real files."""
+"""voxcpm_core.data.audio: header info, mono/resampled loading and atomic WAV writes, on real files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 from wavs import espeak_clip, write_clip
 
-from voxcpm_core.audio import audio_info, load_audio, write_wav
+from voxcpm_core.data.audio import audio_info, load_audio, write_wav
 from voxcpm_core.errors import VoxCPMError
 
 

@@ -7,11 +7,17 @@ import json
 import pytest
 import torch
 
-from voxcpm_core.builder import build_like, build_model_dir, build_tiny_tokenizer, tiny_config
-from voxcpm_core.checkpoint import load_model_dir, read_config_dict
 from voxcpm_core.config import parse_model_config
+from voxcpm_core.data.tokenizer import (
+    AUDIO_END,
+    AUDIO_START,
+    PROMPT_AUDIO_END,
+    PROMPT_AUDIO_START,
+    TextTokenizer,
+)
+from voxcpm_core.dev.builder import build_like, build_model_dir, build_tiny_tokenizer, tiny_config
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.tokenizer import AUDIO_END, AUDIO_START, PROMPT_AUDIO_END, PROMPT_AUDIO_START, TextTokenizer
+from voxcpm_core.io.checkpoint import load_model_dir, read_config_dict
 
 
 @pytest.fixture(scope="module")

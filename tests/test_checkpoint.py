@@ -9,16 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from voxcpm_core.builder import build_model_dir, tiny_config
-from voxcpm_core.checkpoint import (
+from voxcpm_core.dev.builder import build_model_dir, tiny_config
+from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.io.checkpoint import (
     load_lora_dir,
     load_model_dir,
     load_state_dict_file,
     save_lora_dir,
     save_model_dir,
 )
-from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.lora import LoRAConfig, apply_lora, parse_lora_config
+from voxcpm_core.models.lora import LoRAConfig, apply_lora, parse_lora_config
 
 WEIGHTS = "model.safetensors"
 

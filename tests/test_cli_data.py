@@ -122,7 +122,7 @@ def test_deep_flag_decodes(tmp_path):
 
 
 def test_model_dir_gives_rate_tokenizer_and_sequence_lengths(tmp_path):
-    from voxcpm_core.checkpoint import load_tokenizer, read_model_config
+    from voxcpm_core.io.checkpoint import load_tokenizer, read_model_config
 
     model = official_dir("v1-tiny") / "base"
     config, tokenizer = read_model_config(model), load_tokenizer(model)

@@ -14,7 +14,7 @@ import torch
 
 from voxcpm_core.cpu import capability
 from voxcpm_core.cpu.capability import CAP_VARIABLES, cpu
-from voxcpm_core.models.linear import PACKABLE_DTYPES, linear
+from voxcpm_core.cpu.kernels import PACKABLE_DTYPES, linear
 
 # Prints what the code sees and which kernel oneDNN picked for one float32 linear (ONEDNN_VERBOSE=1).
 PROBE = """
@@ -86,7 +86,7 @@ def test_bf16_linear_works_on_every_cpu_class():
 def test_generation_dtype_auto_is_bf16_only_with_native_bf16(native, monkeypatch):
     from conftest import official_dir
 
-    from voxcpm_core.checkpoint import read_model_config, resolve_dtype
+    from voxcpm_core.io.checkpoint import read_model_config, resolve_dtype
 
     config = read_model_config(official_dir("v15-tiny") / "base")
     monkeypatch.setattr(capability, "cpu", lambda: dataclasses.replace(cpu(), native_bf16=native))

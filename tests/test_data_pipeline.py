@@ -15,12 +15,12 @@ import soundfile as sf
 import torch
 from conftest import official_dir
 
-from voxcpm_core.audio import load_audio
-from voxcpm_core.checkpoint import load_audio_vae, load_tokenizer, read_model_config
 from voxcpm_core.data import latent_cache
-from voxcpm_core.data.batching import TOO_LONG, BucketBatchSampler, prepare_training_data
+from voxcpm_core.data.audio import load_audio
 from voxcpm_core.data.latent_cache import LatentCache
+from voxcpm_core.data.pipeline import TOO_LONG, BucketBatchSampler, prepare_training_data
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.io.checkpoint import load_audio_vae, load_tokenizer, read_model_config
 from voxcpm_core.training.config import load_train_config
 
 FILE_RATE = 22050  # the clips are resampled to the VAE's 16 kHz

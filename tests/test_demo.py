@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from voxcpm_core import demo
-from voxcpm_core.audio import audio_info, load_audio
-from voxcpm_core.checkpoint import read_model_config
+from voxcpm_core.data.audio import audio_info, load_audio
 from voxcpm_core.data.manifest import read_manifest
+from voxcpm_core.dev import demo
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.io.checkpoint import read_model_config
 from voxcpm_core.training.config import check_sample_rate, load_train_config
 
 

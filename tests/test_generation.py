@@ -21,11 +21,11 @@ import torch
 from reference_data import reference_tensors
 from safetensors.torch import load_file
 
-from voxcpm_core import inference
 from voxcpm_core.api import VoxCPM, resolve_model_dir
-from voxcpm_core.checkpoint import load_model_dir
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.lora import LoRAConfig, lora_modules
+from voxcpm_core.generation import sampling as inference
+from voxcpm_core.io.checkpoint import load_model_dir
+from voxcpm_core.models.lora import LoRAConfig, lora_modules
 
 ATOL = 1e-4  # generation compounds ~1e-7 float differences (thread count) over the AR steps
 RUNS = {  # run name -> (target text, with the fixture's prompt)

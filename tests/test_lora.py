@@ -11,9 +11,10 @@ import torch
 from reference_data import assert_close, reference_batch, reference_draws, reference_tensors
 from torch import nn
 
-from voxcpm_core.checkpoint import load_lora_dir, load_model_dir
+from voxcpm_core.cpu.kernels import linear
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.lora import (
+from voxcpm_core.io.checkpoint import load_lora_dir, load_model_dir
+from voxcpm_core.models.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,
@@ -26,7 +27,6 @@ from voxcpm_core.lora import (
     set_lora_enabled,
     trainable_lora_parameters,
 )
-from voxcpm_core.models.linear import linear
 
 
 def _adapter(preset_dir):

@@ -15,9 +15,9 @@ from reference_data import reference_tensors
 
 from voxcpm_core import api
 from voxcpm_core.api import VoxCPM
-from voxcpm_core.checkpoint import load_lora_dir, save_lora_dir
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.lora import LoRAConfig, parse_lora_config
+from voxcpm_core.io.checkpoint import load_lora_dir, save_lora_dir
+from voxcpm_core.models.lora import LoRAConfig, parse_lora_config
 
 GEN = dict(
     min_len=2, max_len=8, inference_timesteps=4, cfg_value=2.0, retry_badcase=False

@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from voxcpm_cli.main import app
+from voxcpm_core.adapters import merge_adapter, resolve_base_model
 from voxcpm_core.api import VoxCPM
-from voxcpm_core.builder import build_model_dir, tiny_config
+from voxcpm_core.dev.builder import build_model_dir, tiny_config
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.lora_tools import merge_adapter, resolve_base_model
 
 runner = CliRunner()
 GEN = dict(min_len=2, max_len=8, inference_timesteps=4, cfg_value=2.0, retry_badcase=False)

@@ -11,8 +11,8 @@ import torch
 from reference_data import assert_close, reference_batch, reference_draws
 from safetensors.torch import load_file
 
-from voxcpm_core.checkpoint import read_model_config
-from voxcpm_core.data.batch import TrainBatch, collate
+from voxcpm_core.data.collate import TrainBatch, collate
+from voxcpm_core.io.checkpoint import read_model_config
 from voxcpm_core.models.flow_matching import FlowDraws
 from voxcpm_core.models.kv_cache import KVCache
 from voxcpm_core.models.voxcpm import VoxCPMModel

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from reference_data import assert_close, reference_tensors
 
-from voxcpm_core.checkpoint import load_audio_vae, load_state_dict_file, read_model_config
 from voxcpm_core.config import AudioVAEConfig
+from voxcpm_core.io.checkpoint import load_audio_vae, load_state_dict_file, read_model_config
 from voxcpm_core.models.audio_vae import AudioVAE
 
 

@@ -17,13 +17,13 @@ from typer.testing import CliRunner
 from wavs import write_clip, write_manifest
 
 from voxcpm_cli.main import app
-from voxcpm_core.builder import build_model_dir, tiny_config
-from voxcpm_core.checkpoint import load_lora_dir, load_model_dir
 from voxcpm_core.cpu import capability
-from voxcpm_core.lora import LoRAConfig, LoRALinear, trainable_lora_parameters
-from voxcpm_core.memory import keep_freed_memory
+from voxcpm_core.cpu.kernels import ONEDNN, Linear, PackedWeight, linear, pack_weights
+from voxcpm_core.cpu.memory import keep_freed_memory
+from voxcpm_core.dev.builder import build_model_dir, tiny_config
+from voxcpm_core.io.checkpoint import load_lora_dir, load_model_dir
 from voxcpm_core.models.kv_cache import KVCache
-from voxcpm_core.models.linear import ONEDNN, Linear, PackedWeight, linear, pack_weights
+from voxcpm_core.models.lora import LoRAConfig, LoRALinear, trainable_lora_parameters
 from voxcpm_core.models.minicpm import RMSNorm, causal_mask, small_attention
 from voxcpm_core.training import precision as precision_module
 from voxcpm_core.training.precision import in_float32, resolve_precision, store_frozen_linears_in_bf16
@@ -179,7 +179,7 @@ def test_packed_model_generates_what_the_plain_model_does(preset_dir, monkeypatc
 
 def test_decode_steps_build_no_autograd_graph(preset_dir):
     """Generation runs in inference mode wherever it is called from (packed weights are read only there)."""
-    from voxcpm_core import inference
+    from voxcpm_core.generation import sampling as inference
 
     loaded = load_model_dir(preset_dir / "base")
     cfg = loaded.model.config
@@ -305,7 +305,7 @@ def test_train_lora_bf16_with_gradient_checkpointing_end_to_end(tmp_path):
 
 
 def test_generation_allocates_its_kv_caches_once(preset_dir, monkeypatch):
-    from voxcpm_core import inference
+    from voxcpm_core.generation import sampling as inference
 
     loaded = load_model_dir(preset_dir / "base")
     cfg = loaded.model.config
@@ -321,7 +321,7 @@ def test_generation_allocates_its_kv_caches_once(preset_dir, monkeypatch):
 
 
 def test_vae_decoding_in_generation_reuses_freed_memory_on_cpu(preset_dir, monkeypatch):
-    from voxcpm_core import inference
+    from voxcpm_core.generation import sampling as inference
 
     loaded = load_model_dir(preset_dir / "base")
     cfg = loaded.model.config
@@ -342,7 +342,7 @@ def test_keep_freed_memory_is_idempotent():
 REUSE_THEN_RETURN = """
 import os, torch
 from pathlib import Path
-from voxcpm_core.memory import reusing_freed_memory
+from voxcpm_core.cpu.memory import reusing_freed_memory
 
 def rss_mib():
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, official_dir
 
-from voxcpm_core.checkpoint import read_model_config
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.io.checkpoint import read_model_config
 from voxcpm_core.training.config import check_sample_rate, load_train_config
 
 GUIDE_CONFIGS = sorted((REPO / "conf").glob("voxcpm_v1*/voxcpm_finetune_*.yaml"))

@@ -17,15 +17,15 @@ from typer.testing import CliRunner
 from wavs import write_clip, write_manifest
 
 from voxcpm_cli.main import app
-from voxcpm_core.builder import build_model_dir, tiny_config
-from voxcpm_core.checkpoint import load_lora_dir, load_model_dir
+from voxcpm_core.dev.builder import build_model_dir, tiny_config
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.lora import LoRAConfig, load_lora_state_dict
+from voxcpm_core.io.checkpoint import load_lora_dir, load_model_dir
+from voxcpm_core.models.lora import LoRAConfig, load_lora_state_dict
 from voxcpm_core.models.voxcpm import VoxCPMModel
 from voxcpm_core.training import state as train_state
 from voxcpm_core.training import trainer
 from voxcpm_core.training.config import load_train_config
-from voxcpm_core.training.logging import read_metrics
+from voxcpm_core.training.metrics import read_metrics
 from voxcpm_core.training.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 runner = CliRunner()

@@ -6,7 +6,7 @@ from voxcpm_core.errors import VoxCPMError  # noqa: E402
 
 __all__ = ["LoRAConfig", "VoxCPM", "VoxCPMError", "__version__"]
 
-_LAZY = {"VoxCPM": "voxcpm_core.api", "LoRAConfig": "voxcpm_core.lora"}
+_LAZY = {"VoxCPM": "voxcpm_core.api", "LoRAConfig": "voxcpm_core.models.lora"}
 
 
 def __getattr__(name: str):

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxcpm_core import inference, lora
-from voxcpm_core.checkpoint import LoadedModel, load_model_dir
+from voxcpm_core.adapters import read_adapter
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.lora import LoRAConfig
-from voxcpm_core.lora_tools import read_adapter
+from voxcpm_core.generation import sampling as inference
+from voxcpm_core.io.checkpoint import LoadedModel, load_model_dir
+from voxcpm_core.models import lora
+from voxcpm_core.models.lora import LoRAConfig
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "openbmb/VoxCPM1.5"
 

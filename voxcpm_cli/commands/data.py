@@ -85,7 +85,7 @@ def validate(
     tokenizer = patch_samples = None
     if model is not None:
         # Imported here: checkpoint pulls in torch, which plain manifest checks do not need.
-        from voxcpm_core.checkpoint import load_tokenizer, read_model_config
+        from voxcpm_core.io.checkpoint import load_tokenizer, read_model_config
 
         config = read_model_config(model)
         sample_rate, patch_samples = config.sample_rate, config.patch_samples

@@ -102,9 +102,12 @@ def infer(
 
     One text: --text ... --output out.wav. Many: --text-file or --batch with --output-dir (one model load).
     """
-    from voxcpm_core.inference import SamplingOptions, new_seed  # torch loads only when a command runs
-    from voxcpm_core.lora_tools import training_lora_settings
-    from voxcpm_core.render import load_for_adapters, read_utterances, render
+    from voxcpm_core.adapters import training_lora_settings
+    from voxcpm_core.generation.render import load_for_adapters, read_utterances, render
+    from voxcpm_core.generation.sampling import (  # torch loads only when a command runs
+        SamplingOptions,
+        new_seed,
+    )
 
     adapters = lora_ckpt or []
     _check_usage(

@@ -14,8 +14,8 @@ from rich.table import Table
 from voxcpm_cli.options import Json
 
 if TYPE_CHECKING:
-    from voxcpm_core.lora import LoRAConfig
-    from voxcpm_core.lora_tools import AdapterReport
+    from voxcpm_core.adapters import AdapterReport
+    from voxcpm_core.models.lora import LoRAConfig
 
 app = typer.Typer(help="Inspect LoRA adapters and merge them into standalone models.", no_args_is_help=True)
 console = Console(highlight=False)
@@ -58,7 +58,7 @@ def _settings(config: Path | None, base: str | None) -> tuple[LoRAConfig | None,
     """The LoRA structure and base a --config YAML gives (an explicit --base wins)."""
     if config is None:
         return None, base
-    from voxcpm_core.lora_tools import training_lora_settings
+    from voxcpm_core.adapters import training_lora_settings
 
     lora_config, yaml_base = training_lora_settings(config)
     return lora_config, base if base is not None else yaml_base
@@ -72,7 +72,7 @@ def inspect(
 
     Exit code 0 when the adapter is usable (on the base, when one is known), 1 with the reasons otherwise.
     """
-    from voxcpm_core.lora_tools import inspect_adapter  # torch loads only when a command runs
+    from voxcpm_core.adapters import inspect_adapter  # torch loads only when a command runs
 
     lora_config, base = _settings(config, base)
     report = inspect_adapter(lora_dir, base, lora_config)
@@ -95,7 +95,7 @@ def merge(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT_DIR if it exists.")] = False,
 ) -> None:
     """Fold the adapter into its base: a standalone model directory (W + alpha/r * B A, in the base's dtype)."""
-    from voxcpm_core.lora_tools import merge_adapter
+    from voxcpm_core.adapters import merge_adapter
 
     lora_config, base = _settings(config, base)
     result = merge_adapter(lora_dir, base, output, lora_config, overwrite=overwrite)

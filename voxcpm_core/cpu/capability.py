@@ -1,6 +1,6 @@
 """What this CPU can do, asked once per process: the one place that looks at the processor.
 
-Kernel choices (``voxcpm_core.models.linear``), training precision and the benches ask ``cpu()``; none of
+Kernel choices (``voxcpm_core.cpu.kernels``), training precision and the benches ask ``cpu()``; none of
 them reads /proc/cpuinfo or probes oneDNN themselves. Caps set in the environment count as limits of the
 machine, so a machine with AVX-512 run with
 

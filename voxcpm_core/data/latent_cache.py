@@ -27,9 +27,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from voxcpm_core.audio import audio_info, load_audio
+from voxcpm_core.cpu.memory import reusing_freed_memory
+from voxcpm_core.data.audio import audio_info, load_audio
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.memory import reusing_freed_memory
 from voxcpm_core.models.audio_vae import AudioVAE
 
 ProgressFn = Callable[[int, int], None]  # (clips done, clips to do)

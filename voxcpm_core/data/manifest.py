@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from voxcpm_core.audio import AudioInfo, audio_info
+from voxcpm_core.data.audio import AudioInfo, audio_info
 from voxcpm_core.errors import VoxCPMError
 
 REQUIRED_KEYS = ("audio", "text")

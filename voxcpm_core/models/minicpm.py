@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from voxcpm_core.config import LMConfig
+from voxcpm_core.cpu.kernels import Linear
 from voxcpm_core.models.kv_cache import KVCache, LayerKVCache
-from voxcpm_core.models.linear import Linear
 
 
 class _RMSNormFunction(torch.autograd.Function):

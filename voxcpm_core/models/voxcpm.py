@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxcpm_core.config import VoxCPMConfig
-from voxcpm_core.data.batch import TrainBatch
+from voxcpm_core.data.collate import TrainBatch
 from voxcpm_core.models.flow_matching import FlowDraws, UnifiedCFM
 from voxcpm_core.models.fsq import ScalarQuantizer
 from voxcpm_core.models.kv_cache import KVCache

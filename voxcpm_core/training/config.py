@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from voxcpm_core.config import VoxCPMConfig
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.lora import LoRAConfig
+from voxcpm_core.models.lora import LoRAConfig
 
 # Keys whose values are filesystem paths (resolved as described in the module docstring).
 PATH_KEYS = (
@@ -170,7 +170,7 @@ def load_train_config(path: str | os.PathLike, overrides: list[str] | None = Non
         raise VoxCPMError(f"{source}: {_describe(exc)}") from None
     cfg._source = source
     if cfg.demo is not None:
-        from voxcpm_core.demo import ensure_demo  # builds a model: only when the config asks for it
+        from voxcpm_core.dev.demo import ensure_demo  # builds a model: only when the config asks for it
 
         ensure_demo(cfg.demo)
     return cfg

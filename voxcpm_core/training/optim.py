@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from voxcpm_core.lora import trainable_lora_parameters
+from voxcpm_core.models.lora import trainable_lora_parameters
 
 
 def select_trainable(model: nn.Module, lora: bool) -> list[tuple[str, nn.Parameter]]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from voxcpm_core.cpu import capability
-from voxcpm_core.lora import LoRALinear
+from voxcpm_core.models.lora import LoRALinear
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxcpm_core.checkpoint import atomic_dir
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.io.checkpoint import atomic_dir
 
 LATEST_FILE = "latest"
 TRAINING_STATE_FILE = "training_state.json"

@@ -34,24 +34,24 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from voxcpm_core.api import resolve_model_dir
-from voxcpm_core.audio import write_wav
-from voxcpm_core.checkpoint import (
+from voxcpm_core.config import CFMConfig
+from voxcpm_core.cpu.memory import keep_freed_memory
+from voxcpm_core.data.audio import write_wav
+from voxcpm_core.data.collate import TrainBatch
+from voxcpm_core.data.pipeline import DataStats, DroppedSample, PreparedData, prepare_training_data
+from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.generation.sampling import SamplingOptions, generate
+from voxcpm_core.io.checkpoint import (
     LoadedModel,
     load_lora_dir,
     load_model_dir,
     write_lora_files,
     write_model_files,
 )
-from voxcpm_core.config import CFMConfig
-from voxcpm_core.data.batch import TrainBatch
-from voxcpm_core.data.batching import DataStats, DroppedSample, PreparedData, prepare_training_data
-from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.inference import SamplingOptions, generate
-from voxcpm_core.lora import LoRAConfig, load_lora_state_dict, lora_state_dict
-from voxcpm_core.memory import keep_freed_memory
 from voxcpm_core.models.flow_matching import FlowDraws
+from voxcpm_core.models.lora import LoRAConfig, load_lora_state_dict, lora_state_dict
 from voxcpm_core.training.config import LossWeights, TrainConfig
-from voxcpm_core.training.logging import TrainLogger
+from voxcpm_core.training.metrics import TrainLogger
 from voxcpm_core.training.optim import build_optimizer, build_scheduler, select_trainable
 from voxcpm_core.training.precision import in_float32, resolve_precision, store_frozen_linears_in_bf16
 from voxcpm_core.training.state import (

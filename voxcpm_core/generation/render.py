@@ -17,13 +17,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from voxcpm_core.adapters import adapter_problems, read_adapter, resolve_base_model
 from voxcpm_core.api import VoxCPM
-from voxcpm_core.audio import write_wav
+from voxcpm_core.data.audio import write_wav
 from voxcpm_core.data.manifest import resolve_audio_path
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.inference import SamplingOptions, check_prompt_args
-from voxcpm_core.lora import LoRAConfig
-from voxcpm_core.lora_tools import adapter_problems, read_adapter, resolve_base_model
+from voxcpm_core.generation.sampling import SamplingOptions, check_prompt_args
+from voxcpm_core.models.lora import LoRAConfig
 
 BATCH_KEYS = ("text", "prompt_audio", "prompt_text", "id")
 

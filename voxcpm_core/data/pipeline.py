@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from voxcpm_core.data.batch import TrainBatch, collate
+from voxcpm_core.data.collate import TrainBatch, collate
 from voxcpm_core.data.latent_cache import LatentCache, ProgressFn, check_cache_dir
 from voxcpm_core.data.manifest import ManifestEntry, validate_manifest
 from voxcpm_core.errors import VoxCPMError

@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxcpm_core.audio import load_audio
 from voxcpm_core.config import AudioVAEConfig
+from voxcpm_core.cpu.kernels import pack_weights
+from voxcpm_core.cpu.memory import reusing_freed_memory
+from voxcpm_core.data.audio import load_audio
+from voxcpm_core.data.tokenizer import AUDIO_START, TextTokenizer
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.memory import reusing_freed_memory
 from voxcpm_core.models.audio_vae import AudioVAE
 from voxcpm_core.models.kv_cache import KVCache
-from voxcpm_core.models.linear import pack_weights
 from voxcpm_core.models.voxcpm import VoxCPMModel
-from voxcpm_core.tokenizer import AUDIO_START, TextTokenizer
 
 PROMPT_CONTEXT_PATCHES = 2  # last prompt patches decoded in front of the new ones (then cut off)
 MAX_PATCHES_PER_TOKEN, MAX_PATCHES_EXTRA = 6, 10  # max_len cap: tokens * 6 + 10

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from voxcpm_core.cpu.kernels import PackedWeight, linear
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.models.linear import PackedWeight, linear
 
 LM_STACKS = ("base_lm", "residual_lm")
 DIT_STACK = "feat_decoder.estimator"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from voxcpm_core.tokenizer import AUDIO_END, AUDIO_START
+from voxcpm_core.data.tokenizer import AUDIO_END, AUDIO_START
 
 
 @dataclass

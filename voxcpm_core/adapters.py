@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from voxcpm_core.checkpoint import (
+from voxcpm_core.config import VoxCPMConfig
+from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.io.checkpoint import (
     LORA_CONFIG_FILE,
     check_output_dir,
     load_lora_dir,
@@ -27,9 +29,7 @@ from voxcpm_core.checkpoint import (
     read_model_weights,
     save_model_dir_like,
 )
-from voxcpm_core.config import VoxCPMConfig
-from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.lora import (
+from voxcpm_core.models.lora import (
     COMPONENTS,
     LM_STACKS,
     LoRAConfig,

@@ -25,11 +25,11 @@ from torch import nn
 
 from voxcpm_core.config import VoxCPMConfig, parse_model_config
 from voxcpm_core.cpu import capability
+from voxcpm_core.data.tokenizer import TextTokenizer
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.lora import LoRAConfig, apply_lora, parse_lora_config
 from voxcpm_core.models.audio_vae import AudioVAE
+from voxcpm_core.models.lora import LoRAConfig, apply_lora, parse_lora_config
 from voxcpm_core.models.voxcpm import VoxCPMModel
-from voxcpm_core.tokenizer import TextTokenizer
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

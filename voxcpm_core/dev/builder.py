@@ -11,12 +11,12 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers
 from tokenizers.models import BPE
 
-from voxcpm_core.checkpoint import TOKENIZER_FILES, atomic_dir, read_config_dict, write_model_files
 from voxcpm_core.config import parse_model_config
+from voxcpm_core.data.tokenizer import SPACE
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.io.checkpoint import TOKENIZER_FILES, atomic_dir, read_config_dict, write_model_files
 from voxcpm_core.models.audio_vae import AudioVAE
 from voxcpm_core.models.voxcpm import VoxCPMModel
-from voxcpm_core.tokenizer import SPACE
 
 SPECIAL_TOKENS = {0: "<unk>", 1: "<s>", 2: "</s>"}
 AUDIO_TOKENS = {  # ids fixed by the model: 101..104 frame the audio, 105..112 reserved

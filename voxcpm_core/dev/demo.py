@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from voxcpm_core.audio import load_audio, write_wav
-from voxcpm_core.builder import build_model_dir, tiny_config
+from voxcpm_core.data.audio import load_audio, write_wav
+from voxcpm_core.dev.builder import build_model_dir, tiny_config
 from voxcpm_core.errors import VoxCPMError
 
 log = logging.getLogger("voxcpm.demo")
