@@ -5,9 +5,10 @@
                           [--device cpu|cuda]
 
 Random weights (built from config.json, nothing is read from disk but the config and tokenizer), CPU,
-weights prepacked for oneDNN as `voxcpm infer` does on CPU (inference.pack_for_cpu_generation;
-``--no-pack``: the plain weights); ``--device cuda``: the plain weights on the GPU, as `voxcpm infer`
-runs there, peak GPU memory beside the RSS, no goals.
+the CPU kernels swapped in (cpu.kernels.use_cpu_kernels) and the weights prepacked for oneDNN as
+`voxcpm infer` does on CPU (inference.pack_for_cpu_generation; ``--no-pack``: the plain weights);
+``--device cuda``: the plain model on the GPU, as `voxcpm infer` runs there, peak GPU memory beside the
+RSS, no goals.
 Per dtype: seconds per generated patch of the AR loop (median over the patches after the first, so
 robust to other load; the mean includes the prefill), VAE decode time, real-time factor of the whole
 non-streaming generation, time to first audio of a streaming generation, and the weight bytes one patch
@@ -34,10 +35,10 @@ import torch
 from torch import nn
 
 from voxcpm_core.cpu.capability import cpu
+from voxcpm_core.cpu.kernels import use_cpu_kernels
+from voxcpm_core.families import family_of
 from voxcpm_core.generation import sampling as inference
 from voxcpm_core.io.checkpoint import load_tokenizer, read_model_config
-from voxcpm_core.models.audio_vae import AudioVAE
-from voxcpm_core.models.voxcpm import VoxCPMModel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import device_name, synchronize, weight_stream_gbs  # noqa: E402
@@ -179,8 +180,10 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model_dir)
     start = time.perf_counter()
     torch.manual_seed(0)
-    model = VoxCPMModel(config).eval().to(device)
-    vae = AudioVAE(config.audio_vae_config).eval().to(device)
+    family = family_of(config)
+    model = family.network(config).eval().to(device)
+    use_cpu_kernels(model)  # as a model loaded for generation (a no-op on the GPU)
+    vae = family.build_vae(config).eval().to(device)
     build_s = time.perf_counter() - start
     patches = round(args.seconds * config.sample_rate / config.patch_samples)
     ref_runs, ref_source = reference_runs(args.reference, args.reference_python, ["generate"], [

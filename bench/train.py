@@ -7,8 +7,8 @@
 Random weights (the model is built from config.json, nothing is read or written on disk), CPU (or
 ``--device cuda``: GPU timings synchronised, peak GPU memory beside the RSS, no goals), a fixed
 batch of 2 samples of 30 text tokens + 5.12 s of audio given as latents (no VAE is built), and the
-trainer's own pieces: flow-matching draws, loss, precision setup, gradient checkpointing, clipping,
-fused AdamW and gradient clearing. Runs (each in its own fresh process, so its peak RSS is its own):
+trainer's own step (voxcpm_core.training.step: precision setup, gradient checkpointing, flow-matching
+draws, loss, clipping, fused AdamW, gradient clearing, LR schedule). Runs (each in its own fresh process, so its peak RSS is its own):
 
     lora       LoRA r 32, alpha 64 on LM + DiT q/k/v/o, float32
     lora-bf16  the same with ``precision: bf16``
@@ -16,8 +16,9 @@ fused AdamW and gradient clearing. Runs (each in its own fresh process, so its p
     full       full fine-tuning, float32
     full-bf16  the same with ``precision: bf16`` (float32 master weights, bf16 autocast)
 
-Per run: seconds of forward, backward, clip, AdamW (+ clearing grads) per step (medians over --steps
-after --warmup steps: the steady state of a long run), throughput of whole steps (sequence positions per
+Per run: seconds of the step's phases, fwd (draws, batch to the device, forward, loss), bwd, clip and
+optim (AdamW + clearing grads), and of the whole step (medians over --steps after --warmup steps: the
+steady state of a long run), throughput of whole steps (sequence positions per
 second, text and audio patches with padding, and seconds of audio per second), peak RSS of the process
 (warm-up included), the matmul FLOPs of a step counted from the shapes that ran (torch's FlopCounterMode, recomputation
 included), and the FLOP/s achieved by forward+backward as a fraction of the machine's matmul peak for
@@ -92,34 +93,31 @@ def _register_flop_formulas() -> None:
 
 def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads: int, device_type: str) -> dict:
     from voxcpm_core.config import parse_model_config
-    from voxcpm_core.cpu.memory import keep_freed_memory
     from voxcpm_core.data.collate import collate
     from voxcpm_core.models.lora import LoRAConfig, apply_lora
     from voxcpm_core.models.voxcpm import VoxCPMModel
-    from voxcpm_core.training.config import LossWeights
-    from voxcpm_core.training.optim import build_optimizer, select_trainable
-    from voxcpm_core.training.precision import resolve_precision, store_frozen_linears_in_bf16
-    from voxcpm_core.training.trainer import patch_sums, sample_draws, weighted_loss_sum
+    from voxcpm_core.training.config import TrainConfig
+    from voxcpm_core.training.distributed import Dist
+    from voxcpm_core.training.optim import select_trainable
+    from voxcpm_core.training.step import PHASES, TrainStep
 
     spec = RUNS[name]
     device = torch.device(device_type)
-    if device.type == "cpu":
-        keep_freed_memory()  # as voxcpm_core.training.trainer.train does on CPU
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     config = parse_model_config(json.loads(config_path.read_text()), source=str(config_path))
+    # the trainer's defaults but for the run's precision and checkpointing; the step reads no file and
+    # writes none, so the manifest and save_path are placeholders
+    cfg = TrainConfig(hf_model_id="bench", train_manifest=Path("unused.jsonl"), save_path=Path("unused"),
+                      precision=spec["precision"], gradient_checkpointing=spec["checkpointing"], learning_rate=1e-5, seed=0)
     start = time.perf_counter()
     model = VoxCPMModel(config)
     lora = LoRAConfig(enable_lm=True, enable_dit=True, r=32, alpha=64) if spec["lora"] else None
     if lora:
         apply_lora(model, lora)
-    model.to(device).train()
+    model.to(device)
     trainable = select_trainable(model, lora=lora is not None)
-    precision = resolve_precision(spec["precision"], device)
-    if precision.bf16 and lora:
-        store_frozen_linears_in_bf16(model)
-    model.set_gradient_checkpointing(spec["checkpointing"])
-    optimizer = build_optimizer(trainable, 1e-5, 0.01)
+    train_step = TrainStep(model, trainable, cfg, lora is not None, Dist(device=device))
     build_s = time.perf_counter() - start
 
     patches = round(AUDIO_SECONDS * config.sample_rate / config.patch_samples)  # 32 at 6.25 Hz
@@ -130,44 +128,40 @@ def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads
         for _ in range(BATCH)
     ]
     batch = collate(samples)  # on the CPU, where the trainer draws the flow-matching noise from it
-    on_device = batch.to(device)
-    lambdas, params = LossWeights(), [p for _, p in trainable]
-    total_patches = float(batch.loss_mask.sum())
 
     def stamp() -> float:
         synchronize(device)
         return time.perf_counter()
 
     def step(index: int, flops: dict | None = None) -> dict:
-        """One optimizer step as the trainer takes it; with ``flops`` its matmul FLOPs are counted into it."""
-        counters = {"forward": FlopCounterMode(display=False), "backward": FlopCounterMode(display=False)}
-        counting = (lambda phase: counters[phase]) if flops is not None else (lambda phase: contextlib.nullcontext())
-        draws = sample_draws(batch, config.dit_config.cfm_config, 0, index, device)
+        """The trainer's optimizer step ``index``, timed by phase; with ``flops`` its matmul FLOPs are counted into it."""
+        counters = {"fwd": FlopCounterMode(display=False), "bwd": FlopCounterMode(display=False)} if flops is not None else {}
+        seconds = dict.fromkeys(PHASES, 0.0)
+
+        @contextlib.contextmanager
+        def timed(phase: str):
+            with counters[phase] if phase in counters else contextlib.nullcontext():
+                begin = stamp()
+                yield
+                seconds[phase] += stamp() - begin
+
         usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), stamp()
-        with counting("forward"), precision.autocast(device):
-            out = model(on_device, draws)
-            loss = weighted_loss_sum(patch_sums(out, on_device), lambdas) / total_patches
-        t1 = stamp()
-        with counting("backward"):
-            loss.backward()
-        t2 = stamp()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        t3 = stamp()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t4, usage1 = stamp(), resource.getrusage(resource.RUSAGE_SELF)
+        result = train_step([batch], index, timed)
+        t1, usage1 = stamp(), resource.getrusage(resource.RUSAGE_SELF)
         if flops is not None:
-            flops.update({phase: counter.get_total_flops() for phase, counter in counters.items()})
-        return dict(fwd_s=t1 - t0, bwd_s=t2 - t1, clip_s=t3 - t2, optim_s=t4 - t3, step_s=t4 - t0, loss=float(loss),
-                    sys_s=usage1.ru_stime - usage0.ru_stime, page_faults=usage1.ru_minflt - usage0.ru_minflt)
+            flops.update(forward=counters["fwd"].get_total_flops(), backward=counters["bwd"].get_total_flops())
+        return {f"{phase}_s": s for phase, s in seconds.items()} | dict(
+            step_s=t1 - t0, loss=result.metrics["loss/total"],
+            sys_s=usage1.ru_stime - usage0.ru_stime, page_faults=usage1.ru_minflt - usage0.ru_minflt)
 
     _register_flop_formulas()
     flops: dict = {}
-    warmup = [step(0, flops)]  # allocates the optimizer state; its FLOPs are counted
-    warmup += [step(i) for i in range(1, warmup_steps)]  # the allocator settles into its steady state
-    load = OtherLoad()
-    load.start()
-    measured = [step(i) for i in range(warmup_steps, warmup_steps + steps)]
+    with train_step.keeping_freed_memory():  # as in the trainer's loop
+        warmup = [step(0, flops)]  # allocates the optimizer state; its FLOPs are counted
+        warmup += [step(i) for i in range(1, warmup_steps)]  # the allocator settles into its steady state
+        load = OtherLoad()
+        load.start()
+        measured = [step(i) for i in range(warmup_steps, warmup_steps + steps)]
     fwd_bwd = statistics.median(r["fwd_s"] + r["bwd_s"] for r in measured)
     step_s = statistics.median(r["step_s"] for r in measured)
     step_gflop = (flops["forward"] + flops["backward"]) / 1e9
@@ -175,7 +169,7 @@ def run_one(name: str, config_path: Path, steps: int, warmup_steps: int, threads
         "run": name,
         **spec,
         "lora_config": lora.model_dump() if lora else None,
-        "precision_used": "bf16" if precision.bf16 else "fp32",
+        "precision_used": "bf16" if train_step.precision.bf16 else "fp32",
         "total_params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for _, p in trainable),
         "batch": {"B": BATCH, "seq_len": int(batch.text_tokens.shape[1]), "text_tokens": TEXT_TOKENS,

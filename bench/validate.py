@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from voxcpm_core.data.manifest import default_workers, validate_manifest
+from voxcpm_core.data.validate import default_workers, validate_manifest
 
 
 def _clip(seconds: float, sample_rate: int, channels: int, seed: int) -> bytes:

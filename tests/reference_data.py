@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from voxcpm_core.data.collate import TrainBatch
+from voxcpm_core.models.batch import TrainBatch
 from voxcpm_core.models.flow_matching import FlowDraws
 
 RTOL = 1e-5  # relative to the largest magnitude of the reference tensor

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from voxcpm_core.config import parse_model_config
-from voxcpm_core.data.tokenizer import (
-    AUDIO_END,
-    AUDIO_START,
-    PROMPT_AUDIO_END,
-    PROMPT_AUDIO_START,
-    TextTokenizer,
-)
+from voxcpm_core.data.tokenizer import AUDIO_END, AUDIO_START, TextTokenizer
 from voxcpm_core.dev.builder import build_like, build_model_dir, build_tiny_tokenizer, tiny_config
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.families import FAMILIES
 from voxcpm_core.io.checkpoint import load_model_dir, read_config_dict
+from voxcpm_core.models.voxcpm import VoxCPMModel
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +28,8 @@ def test_tiny_tokenizer_is_small_and_keeps_the_audio_ids(tokenizer):
     ids = {
         "<|audio_start|>": AUDIO_START,
         "<|audio_end|>": AUDIO_END,
-        "<|audio_prompt_start|>": PROMPT_AUDIO_START,
-        "<|audio_prompt_end|>": PROMPT_AUDIO_END,
+        "<|audio_prompt_start|>": 103,  # the released tokenizers' prompt-audio ids (the model never reads them)
+        "<|audio_prompt_end|>": 104,
     }
     for token, token_id in ids.items():
         assert tokenizer.token_id(token) == token_id
@@ -75,6 +72,29 @@ def test_built_directory_loads_and_depends_on_the_seed(tmp_path):
         "tokenizer.json",
         "tokenizer_config.json",
     ]
+
+
+def test_building_and_loading_go_through_the_family_registry(tmp_path, monkeypatch):
+    built = []
+
+    class Recorded(VoxCPMModel):
+        def __init__(self, config):
+            super().__init__(config)
+            built.append(config.architecture)
+
+    monkeypatch.setitem(FAMILIES, "voxcpm", dataclasses.replace(FAMILIES["voxcpm"], network=Recorded))
+    out = build_model_dir(tmp_path / "m", tiny_config())
+    assert type(load_model_dir(out).model) is Recorded and built == ["voxcpm", "voxcpm"]
+    with pytest.raises(VoxCPMError, match=r"^config: unknown architecture 'voxcpm2'; known architectures: voxcpm;"):
+        build_model_dir(tmp_path / "v2", tiny_config() | {"architecture": "voxcpm2"})
+    assert not (tmp_path / "v2").exists()
+
+
+def test_the_voxcpm_entry_names_its_batch_collate_and_generation_modes():
+    family = FAMILIES["voxcpm"]
+    batch = family.collate([([5, 6], torch.zeros(3, 2, 16), 0)])
+    assert isinstance(batch, family.batch) and batch.audio_feats.shape == (1, 7, 2, 16)
+    assert family.generation_modes == ("zero-shot", "continuation")  # no reference-audio mode before VoxCPM2
 
 
 def test_vocab_must_cover_the_tiny_tokenizer(tmp_path):

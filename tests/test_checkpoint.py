@@ -11,10 +11,12 @@ from safetensors.torch import load_file, save_file
 
 from voxcpm_core.dev.builder import build_model_dir, tiny_config
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.families import FAMILIES
 from voxcpm_core.io.checkpoint import (
     load_lora_dir,
     load_model_dir,
     load_state_dict_file,
+    read_model_config,
     save_lora_dir,
     save_model_dir,
 )
@@ -177,6 +179,19 @@ def test_bad_config_json(broken):
     config["lm_config"]["num_key_value_heads"] = 3
     (broken / "config.json").write_text(json.dumps(config))
     assert "must be a multiple of num_key_value_heads" in _load_error(broken)
+
+
+def test_architecture_picks_the_family_and_an_unknown_one_is_one_line(broken):
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(config | {"architecture": "VoxCPM"}))  # read lower-cased
+    loaded = load_model_dir(broken)
+    assert loaded.config.architecture == "voxcpm" and loaded.config_dict["architecture"] == "VoxCPM"
+    assert type(loaded.model) is FAMILIES["voxcpm"].network and type(loaded.vae) is FAMILIES["voxcpm"].vae
+    (broken / "config.json").write_text(json.dumps(config | {"architecture": "voxcpm9"}))
+    message = _load_error(broken)  # one line
+    assert f"config.json: unknown architecture 'voxcpm9'; known architectures: {', '.join(FAMILIES)};" in message
+    with pytest.raises(VoxCPMError, match="unknown architecture 'voxcpm9'"):
+        read_model_config(broken)
 
 
 def test_pytorch_model_bin_with_state_dict_wrapper(broken):

@@ -1,5 +1,6 @@
 """The CPU capability module sees what the CPU and the environment's ISA caps allow, and the caps really
-change the kernels torch and oneDNN run (so CI on an AVX-512 machine can exercise the AVX2 paths)."""
+change the kernels torch and oneDNN run (so CI on an AVX-512 machine can exercise the AVX2 paths); the CPU
+kernels are swapped into models built plain, wherever they are built for work."""
 
 from __future__ import annotations
 
@@ -8,13 +9,21 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from voxcpm_core.cpu import capability
 from voxcpm_core.cpu.capability import CAP_VARIABLES, cpu
-from voxcpm_core.cpu.kernels import PACKABLE_DTYPES, linear
+from voxcpm_core.cpu.kernels import (
+    PACKABLE_DTYPES,
+    SMALL_ATTENTION_KEYS,
+    OneDNNLinear,
+    OneDNNProduct,
+    linear,
+    use_cpu_kernels,
+)
 
 # Prints what the code sees and which kernel oneDNN picked for one float32 linear (ONEDNN_VERBOSE=1).
 PROBE = """
@@ -113,3 +122,95 @@ def test_explicit_bf16_on_a_cpu_without_native_bf16_says_so_in_one_line(monkeypa
     assert exc.value.code in (0, None) and out.is_file()
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "emulated" in warnings[0] and "Traceback" not in err
+
+
+# ---- the kernels swapped into built models -----------------------------------------------------------
+
+
+def _swappable(model):
+    """(linears, LoRA layers, attention layers) of a model."""
+    from voxcpm_core.models.lora import LoRALinear
+    from voxcpm_core.models.minicpm import Attention
+
+    kinds = (torch.nn.Linear, LoRALinear, Attention)
+    return tuple([m for m in model.modules() if isinstance(m, kind)] for kind in kinds)
+
+
+def test_cpu_kernels_are_swapped_in_after_build_keeping_parameters_keys_and_math(preset_dir):
+    from reference_data import assert_close, reference_batch, reference_draws, reference_tensors
+
+    from voxcpm_core.io.checkpoint import load_model_dir
+    from voxcpm_core.models.lora import LoRAConfig
+
+    model = load_model_dir(preset_dir / "base", lora=LoRAConfig(enable_lm=True, enable_proj=True, r=2)).model
+    linears, loras, attentions = _swappable(model)
+    assert {type(m) for m in linears} == {torch.nn.Linear} and loras and attentions  # built plain
+    assert all(a.small_attention_keys == 0 for a in attentions)
+    ref = reference_tensors(preset_dir)
+    batch, draws = reference_batch(ref), reference_draws(ref)
+    with torch.no_grad():
+        plain = model(batch, draws)
+    params, keys = dict(model.named_parameters()), list(model.state_dict())
+
+    swapped = use_cpu_kernels(model)
+    assert swapped == (len(linears) + len(loras) if cpu().onednn else 0)
+    if cpu().onednn:
+        assert {type(m) for m in linears} == {OneDNNLinear}
+        assert all(isinstance(m.linear_product, OneDNNProduct) for m in loras)
+    assert all(a.small_attention_keys == SMALL_ATTENTION_KEYS for a in attentions)
+    assert list(model.state_dict()) == keys
+    assert [n for n, _ in model.named_parameters()] == list(params)
+    assert all(p is params[n] for n, p in model.named_parameters())  # the same tensors, not copies
+    with torch.no_grad():
+        fast = model(batch, draws)
+    for key in ("loss/diff", "loss/stop"):
+        assert_close(fast[key], plain[key])
+    assert use_cpu_kernels(model) == 0  # idempotent
+
+    with torch.device("meta"):  # a model that is not on the CPU is left as built
+        elsewhere = torch.nn.Linear(4, 4)
+    assert use_cpu_kernels(elsewhere) == 0 and type(elsewhere) is torch.nn.Linear
+
+
+def _counted(fn, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(fn.__name__)
+        return fn(*args, **kwargs)
+
+    return counted
+
+
+@pytest.mark.skipif(not cpu().onednn, reason="torch built without oneDNN")
+def test_training_steps_run_the_cpu_kernels(preset_dir, monkeypatch):
+    """The trainer's step (and bench/train.py, which calls it) puts float32 linears on oneDNN, few keys on matmuls."""
+    from reference_data import reference_batch, reference_tensors
+
+    from voxcpm_core.cpu import kernels
+    from voxcpm_core.io.checkpoint import load_model_dir
+    from voxcpm_core.models import minicpm
+    from voxcpm_core.models.lora import LoRAConfig
+    from voxcpm_core.training.config import TrainConfig
+    from voxcpm_core.training.distributed import Dist
+    from voxcpm_core.training.optim import select_trainable
+    from voxcpm_core.training.step import TrainStep
+
+    model = load_model_dir(preset_dir / "base", lora=LoRAConfig(enable_lm=True, enable_dit=True, r=2)).model
+    cfg = TrainConfig(hf_model_id="unused", train_manifest=Path("unused.jsonl"), save_path=Path("unused"), precision="fp32")
+    step = TrainStep(model, select_trainable(model, lora=True), cfg, True, Dist())
+    calls = []
+    for module, name in ((kernels, "onednn_mm"), (minicpm, "small_attention")):
+        monkeypatch.setattr(module, name, _counted(getattr(module, name), calls))
+    step([reference_batch(reference_tensors(preset_dir))], 0)
+    assert set(calls) == {"onednn_mm", "small_attention"}
+
+
+def test_generation_loading_swaps_the_cpu_kernels_in_also_for_lora_layers_added_later(preset_dir):
+    from voxcpm_core.api import VoxCPM
+
+    tts = VoxCPM.from_pretrained(preset_dir / "base", device="cpu", dtype="float32", optimize=False)
+    linears, loras, attentions = _swappable(tts.model)
+    assert not loras and all(a.small_attention_keys == SMALL_ATTENTION_KEYS for a in attentions)
+    assert all(type(m) is (OneDNNLinear if cpu().onednn else torch.nn.Linear) for m in linears)
+    tts.load_lora(preset_dir / "lora")  # hot-swap onto a model loaded without LoRA: new LoRA layers
+    _, loras, _ = _swappable(tts.model)
+    assert loras and all(isinstance(m.linear_product, OneDNNProduct) == cpu().onednn for m in loras)

@@ -21,7 +21,7 @@ from voxcpm_core.data.latent_cache import LatentCache
 from voxcpm_core.data.pipeline import TOO_LONG, BucketBatchSampler, prepare_training_data
 from voxcpm_core.errors import VoxCPMError
 from voxcpm_core.io.checkpoint import load_audio_vae, load_tokenizer, read_model_config
-from voxcpm_core.training.config import load_train_config
+from voxcpm_core.training.config import data_spec, load_train_config
 
 FILE_RATE = 22050  # the clips are resampled to the VAE's 16 kHz
 
@@ -90,7 +90,7 @@ def test_cache_encodes_once_then_reuses(tmp_path, loaded, monkeypatch):
     again = LatentCache(tmp_path / "cache", vae, patch).ensure(clips, lambda d, t: progress.append((d, t)))
     assert again == entries and encodes[0] == 0 and progress == [(0, 0)]
     assert hashes[0] == 0  # size + mtime unchanged: the stored content hash is reused
-    assert not list((tmp_path / "cache").rglob("*.tmp"))
+    assert not list((tmp_path / "cache").rglob(".*.tmp-*"))
 
 
 def test_cache_invalidated_when_vae_weights_or_audio_change(tmp_path, loaded, monkeypatch):
@@ -137,7 +137,7 @@ def test_cache_writes_are_atomic(tmp_path, loaded, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cache.ensure([clip])
     entry = cache.entry_path(cache.audio_sha256(clip))
-    assert not entry.exists() and not list((tmp_path / "cache").rglob("*.tmp"))
+    assert not entry.exists() and not list((tmp_path / "cache").rglob(".*.tmp-*"))
     monkeypatch.setattr(latent_cache, "save_file", real_save)
     assert cache.ensure([clip]) == [entry] and LatentCache.load(entry).shape[0] > 0
 
@@ -241,9 +241,14 @@ def make_dataset(tmp_path: Path, bad_line: bool = False, long_clip: bool = False
     return tmp_path / "train.yaml"
 
 
+def prepare(cfg, loaded, skip_bad=False):
+    """prepare_training_data as the trainer calls it: with the config's data values at the model's rate."""
+    return prepare_training_data(data_spec(cfg, loaded.config), loaded, skip_bad=skip_bad)
+
+
 def test_prepare_builds_samples_stats_and_reuses_the_cache(tmp_path, loaded):
     cfg = load_train_config(make_dataset(tmp_path))
-    data = prepare_training_data(cfg, loaded)
+    data = prepare(cfg, loaded)
     assert len(data.train) == 6 and len(data.val) == 1 and data.dropped == []
     stats = data.stats
     assert (stats.clips, stats.val_clips, stats.per_dataset, stats.encoded) == (6, 1, {0: 3, 1: 3}, 7)
@@ -258,12 +263,12 @@ def test_prepare_builds_samples_stats_and_reuses_the_cache(tmp_path, loaded):
     assert batch.audio_feats.shape[2:] == (loaded.config.patch_size, loaded.config.feat_dim)
     assert sum(b.text_tokens.shape[0] for b in data.val_batches()) == 1
 
-    again = prepare_training_data(cfg, loaded)
+    again = prepare(cfg, loaded)
     assert again.stats.encoded == 0  # a second run (or a resume, or --dry-run) reads the cache
 
 
 def test_train_loader_resumes_exactly(tmp_path, loaded):
-    data = prepare_training_data(load_train_config(make_dataset(tmp_path)), loaded)
+    data = prepare(load_train_config(make_dataset(tmp_path)), loaded)
     loader = data.train_loader(num_workers=1)  # a worker prefetches; the state must not count that
     for _ in range(4):  # one epoch (3 batches) and one more
         next(loader)
@@ -279,13 +284,13 @@ def test_train_loader_resumes_exactly(tmp_path, loaded):
 def test_bad_manifest_lines_fail_before_training_or_are_skipped(tmp_path, loaded):
     cfg = load_train_config(make_dataset(tmp_path, bad_line=True))
     with pytest.raises(VoxCPMError) as exc:
-        prepare_training_data(cfg, loaded)
+        prepare(cfg, loaded)
     message = str(exc.value)
     assert "1 bad sample(s)" in message and "line 3:" in message and "missing.wav" in message
-    assert "--skip-bad" in message and "\n" not in message
+    assert "skip_bad" in message and exc.value.param == "skip_bad" and "\n" not in message
     assert not (tmp_path / "cache").exists()  # nothing was encoded
 
-    data = prepare_training_data(cfg, loaded, skip_bad=True)
+    data = prepare(cfg, loaded, skip_bad=True)
     assert len(data.train) == 6 and data.stats.bad == 1
     [dropped] = data.dropped
     assert (dropped.split, dropped.line, dropped.audio) == ("train", 3, "clips/missing.wav")
@@ -294,10 +299,10 @@ def test_bad_manifest_lines_fail_before_training_or_are_skipped(tmp_path, loaded
 
 def test_samples_over_max_batch_tokens_are_dropped_and_reported(tmp_path, loaded):
     cfg = load_train_config(make_dataset(tmp_path, long_clip=True), ["max_batch_tokens=40"])
-    data = prepare_training_data(cfg, loaded)
+    data = prepare(cfg, loaded)
     too_long = [d for d in data.dropped if d.kind == TOO_LONG]
     assert [d.line for d in too_long] == [7] and "max_batch_tokens 40" in too_long[0].reason
     assert data.stats.over_budget == 1 and len(data.train) == 6
     assert all(s.length <= 40 for s in data.train.samples)
     with pytest.raises(VoxCPMError, match="max_batch_tokens: 5 is below every training sample"):
-        prepare_training_data(load_train_config(cfg.source, ["max_batch_tokens=5"]), loaded)
+        prepare(load_train_config(cfg.source, ["max_batch_tokens=5"]), loaded)

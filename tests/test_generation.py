@@ -21,10 +21,11 @@ import torch
 from reference_data import reference_tensors
 from safetensors.torch import load_file
 
-from voxcpm_core.api import VoxCPM, resolve_model_dir
+from voxcpm_core.api import VoxCPM
 from voxcpm_core.errors import VoxCPMError
 from voxcpm_core.generation import sampling as inference
 from voxcpm_core.io.checkpoint import load_model_dir
+from voxcpm_core.io.hub import resolve_model_dir
 from voxcpm_core.models.lora import LoRAConfig, lora_modules
 
 ATOL = 1e-4  # generation compounds ~1e-7 float differences (thread count) over the AR steps
@@ -240,8 +241,10 @@ def test_api_lora_hot_swap(preset_dir):
     assert tts.lora_enabled
     _close(speak(tts), lora_wav)
     tts.set_lora_enabled(False)
+    assert not tts.lora_enabled  # switched off: the base model speaks
     _close(speak(tts), base_wav)
     tts.set_lora_enabled(True)
+    assert tts.lora_enabled
     _close(speak(tts), lora_wav)
     saved = tts.get_lora_state_dict()
     tts.unload_lora()
@@ -363,6 +366,8 @@ def test_cli_infer_with_prompt_and_drawn_seed(preset_dir, tmp_path, monkeypatch,
         (["--prompt-audio", "{prompt}"], "prompt audio given without prompt text"),
         (["--prompt-audio", "{missing}.wav", "--prompt-text", "Hello."], "prompt audio file not found"),
         pytest.param(["--device", "cuda"], "device 'cuda' is not available here", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="this machine has CUDA")),  # fmt: skip
+        pytest.param(["--device", "cuda"], "(--device cpu)", marks=pytest.mark.skipif(  # the engine's fix, as a flag
             torch.cuda.is_available(), reason="this machine has CUDA")),  # fmt: skip
     ],
 )

@@ -11,7 +11,6 @@ import torch
 from reference_data import assert_close, reference_batch, reference_draws, reference_tensors
 from torch import nn
 
-from voxcpm_core.cpu.kernels import linear
 from voxcpm_core.errors import VoxCPMError
 from voxcpm_core.io.checkpoint import load_lora_dir, load_model_dir
 from voxcpm_core.models.lora import (
@@ -77,6 +76,8 @@ def test_config_rejects_unknown_and_invalid_options():
         parse_lora_config({"rank": 8}, source="lora.yaml")
     with pytest.raises(VoxCPMError, match=r"lora.yaml: invalid LoRA option 'r'"):
         parse_lora_config({"r": 0}, source="lora.yaml")
+    with pytest.raises(VoxCPMError, match=r"unknown LoRA option 'alpah'; did you mean 'alpha'\?"):
+        parse_lora_config({"alpah": 8}, source="lora.yaml")
 
 
 # ---- the official adapter ---------------------------------------------------------------------
@@ -213,7 +214,7 @@ def test_apply_lora_targets_and_initial_state():
     assert wrapped.lora_A.shape == (2, 6) and wrapped.lora_B.shape == (5, 2)
     assert wrapped.scaling.item() == 1.5 and torch.count_nonzero(wrapped.lora_B) == 0
     x = torch.randn(3, 6)
-    assert torch.equal(wrapped(x), linear(x, weight, wrapped.bias))  # the base path, plus B A x = 0
+    assert torch.equal(wrapped(x), nn.functional.linear(x, weight, wrapped.bias))  # the base path, plus B A x = 0
     with pytest.raises(VoxCPMError, match="already applied"):
         apply_lora(toy, LoRAConfig(enable_lm=True))
 

@@ -100,9 +100,11 @@ def test_disable_and_unload_give_the_base_model(preset_dir):
     with_lora = _speak(tts, preset_dir)
     assert _differs(with_lora, _base_wav(preset_dir))
     tts.set_lora_enabled(False)
+    assert not tts.lora_enabled
     off = _speak(tts, preset_dir)
     assert off.shape == _base_wav(preset_dir).shape and np.abs(off - _base_wav(preset_dir)).max() <= 1e-6
     tts.set_lora_enabled(True)
+    assert tts.lora_enabled
     assert np.array_equal(_speak(tts, preset_dir), with_lora)
     tts.unload_lora()
     assert tts.lora_enabled  # the structure stays, its update is zero

@@ -172,8 +172,13 @@ def test_base_model_resolution(preset_dir, tmp_path, monkeypatch):
         resolve_base_model(_copy_adapter(preset_dir, tmp_path / "elsewhere", "model"))  # not the cwd
     assert resolve_base_model(tmp_path / "abs", base=tmp_path / "model") == tmp_path / "model"  # --base wins
 
-    with pytest.raises(VoxCPMError, match=r"names no base_model.*--base"):
+    with pytest.raises(VoxCPMError, match=r"names no base_model.*as base") as info:
         resolve_base_model(_copy_adapter(preset_dir, tmp_path / "none", None))
+    assert info.value.param == "base"  # each command says it with its own option:
+    code, text = _voxcpm("lora", "merge", tmp_path / "none", "-o", tmp_path / "merged")
+    assert code == 1 and "names no base_model" in text and "(--base)" in text
+    code, text = _infer("--lora-ckpt", tmp_path / "none", "--text", "Hi.", "-o", tmp_path / "x.wav")
+    assert code == 1 and "names no base_model" in text and "(--ckpt-dir)" in text
     with pytest.raises(VoxCPMError, match=r"lora_config.json is missing"):
         resolve_base_model(_copy_adapter(preset_dir, tmp_path / "bare", config=False))
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if the hub extra were not installed

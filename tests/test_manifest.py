@@ -1,4 +1,4 @@
-"""Manifest parsing and validation (voxcpm_core.data.manifest) over real audio files."""
+"""Manifest parsing (data.manifest) and validation (data.validate) over real audio files."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wavs import espeak_clip, write_clip, write_manifest
 
-import voxcpm_core.data.manifest as manifest_module
 from voxcpm_core.data.manifest import (
     ABSOLUTE,
     CWD,
@@ -25,8 +24,9 @@ from voxcpm_core.data.manifest import (
     WARNING,
     parse_line,
     read_manifest,
-    validate_manifest,
 )
+from voxcpm_core.data.report import LineCounts
+from voxcpm_core.data.validate import validate_manifest
 from voxcpm_core.errors import VoxCPMError
 
 
@@ -60,15 +60,15 @@ def test_good_manifest_has_no_issues_and_right_stats(clips):
     assert report.entries[0].audio == clips / "clips/a.wav"
     assert report.entries[0].duration == 1.0 and report.entries[0].dataset_id == 0
     stats = report.stats
-    assert stats["lines"] == {"total": 3, "ok": 3, "with_errors": 0, "with_warnings": 0}
-    assert stats["total_hours"] == pytest.approx(3.5 / 3600)
-    assert stats["duration_s"]["min"] == pytest.approx(0.5) and stats["duration_s"]["max"] == pytest.approx(
-        2.0
-    )
-    assert stats["duration_s"]["median"] == pytest.approx(1.0)
-    assert stats["text_chars"]["max"] == len("Number two.")
-    assert stats["dataset_ids"] == {"0": 1, "1": 2}
-    assert stats["sample_rates"] == {"16000": 3} and stats["formats"] == {"WAV": 3}
+    assert stats.lines == LineCounts(total=3, ok=3, with_errors=0, with_warnings=0)
+    assert stats.total_hours == pytest.approx(3.5 / 3600)
+    assert stats.duration_s.min == pytest.approx(0.5) and stats.duration_s.max == pytest.approx(2.0)
+    assert stats.duration_s.median == pytest.approx(1.0)
+    assert stats.text_chars.max == len("Number two.")
+    assert stats.dataset_ids == {0: 1, 1: 2}
+    assert stats.sample_rates == {16000: 3} and stats.formats == {"WAV": 3}
+    as_json = report.to_dict()["stats"]  # --json: counted values as string keys, no p95 of text lengths
+    assert as_json["dataset_ids"] == {"0": 1, "1": 2} and "p95" not in as_json["text_chars"]
     assert read_manifest(manifest) == report.entries
 
 
@@ -91,11 +91,11 @@ def test_relative_paths_try_the_manifest_folder_then_cwd(tmp_path, monkeypatch):
     assert rules[1] == (MANIFEST_DIR, data / "both.wav")
     assert rules[2] == (CWD, work / "cwd_only.wav")
     assert rules[3][0] == NOT_FOUND
-    assert report.stats["path_rules"] == {MANIFEST_DIR: 1, CWD: 1, NOT_FOUND: 1}
+    assert report.stats.path_rules == {MANIFEST_DIR: 1, CWD: 1, NOT_FOUND: 1}
     missing = [i for i in report.issues if i.line == 3]
     assert [(i.code, i.severity) for i in missing] == [("audio_missing", ERROR)]
     assert str(data) in missing[0].message and str(work) in missing[0].message
-    assert report.stats["duration_s"]["max"] == pytest.approx(1.0)  # the manifest folder's copy won
+    assert report.stats.duration_s.max == pytest.approx(1.0)  # the manifest folder's copy won
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_each_broken_line_is_an_error_on_its_line(clips, line, code):
     assert not report.ok
     assert _codes(report, 1) == {}
     assert _codes(report, 2).get(code) == ERROR
-    assert report.stats["lines"] == {"total": 2, "ok": 1, "with_errors": 1, "with_warnings": 0}
+    assert report.stats.lines == LineCounts(total=2, ok=1, with_errors=1, with_warnings=0)
 
 
 def test_null_optional_fields_mean_absent(clips):
@@ -155,7 +155,7 @@ def test_empty_and_corrupt_audio_files(clips):
     assert _codes(report, 1) == {"audio_empty": ERROR}
     assert _codes(report, 2) == {"audio_unreadable": ERROR}
     assert _codes(report, 3) == {"audio_empty": ERROR}
-    assert report.stats["lines"]["with_errors"] == 3
+    assert report.stats.lines.with_errors == 3
 
 
 @pytest.mark.parametrize(
@@ -197,12 +197,12 @@ def test_header_warnings(tmp_path):
     assert _codes(report, 4) == {"not_wav": WARNING}
     assert _codes(report, 5) == {"duration_mismatch": WARNING}
     assert _codes(report, 6) == {"duplicate_audio": WARNING}  # 0.05 s off is within tolerance
-    assert report.stats["channels"] == {"1": 5, "2": 1} and report.stats["formats"] == {"WAV": 5, "FLAC": 1}
+    assert report.stats.channels == {1: 5, 2: 1} and report.stats.formats == {"WAV": 5, "FLAC": 1}
 
 
 @pytest.mark.parametrize("block", [1 << 20, 1000])  # whole file in one block, or many blocks
 def test_deep_decoding_finds_nan_clipping_and_silence(tmp_path, monkeypatch, block):
-    monkeypatch.setattr(manifest_module, "DECODE_BLOCK", block)
+    monkeypatch.setattr("voxcpm_core.data.validate.DECODE_BLOCK", block)
     wav = np.full(16000, 0.1, dtype=np.float32)
     wav[100:110] = np.nan
     sf.write(tmp_path / "nan.wav", wav, 16000, subtype="FLOAT")
@@ -258,7 +258,7 @@ def test_encoding_details_and_line_numbers(clips):
     assert report.entries[0].text == "héllo"
     assert _codes(report, 4) == {"not_utf8": ERROR}
     assert _codes(report, 5) == {"duplicate_pair": WARNING}
-    assert report.stats["lines"]["total"] == 3
+    assert report.stats.lines.total == 3
 
 
 def test_empty_and_missing_manifests(tmp_path):
@@ -309,15 +309,16 @@ def test_sequence_lengths_and_max_batch_tokens(tmp_path):
     manifest = write_manifest(tmp_path / "m.jsonl", rows)
     expected = [3 + 1 + 13 + 1, 1 + 1 + 13 + 1, 2 + 1 + 7 + 1]
     kwargs = dict(sample_rate=16000, tokenizer=_WordTokenizer(), patch_samples=1280)
-    seq = validate_manifest(manifest, **kwargs).stats["sequence"]
-    assert (seq["min"], seq["max"], seq["median"]) == (min(expected), max(expected), sorted(expected)[1])
+    seq = validate_manifest(manifest, **kwargs).stats.sequence
+    tokens = seq.tokens
+    assert (tokens.min, tokens.max, tokens.median) == (min(expected), max(expected), sorted(expected)[1])
 
     report = validate_manifest(manifest, max_batch_tokens=17, batch_size=2, **kwargs)
     assert report.ok
     assert [i.line for i in report.issues if i.code == "over_max_batch_tokens"] == [1]
-    seq = report.stats["sequence"]
-    assert seq["over_max_batch_tokens"] == 1
-    assert seq["per_sample_budget"] == 8 and seq["over_per_sample_budget"] == 3
+    seq = report.stats.sequence
+    assert seq.over_max_batch_tokens == 1
+    assert seq.per_sample_budget == 8 and seq.over_per_sample_budget == 3
     with pytest.raises(VoxCPMError, match="tokenizer"):
         validate_manifest(manifest, sample_rate=16000, max_batch_tokens=100)
 
@@ -342,7 +343,7 @@ def test_espeak_speech_manifest(tmp_path):
     assert (
         report.ok and set(_codes(report).values()) == {WARNING} and _codes(report) == {"sample_rate": WARNING}
     )
-    assert 1.0 < report.stats["duration_s"]["min"] < 10.0
+    assert 1.0 < report.stats.duration_s.min < 10.0
 
 
 # ----------------------------------------------------------------------------- fuzzing

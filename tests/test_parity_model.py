@@ -1,4 +1,5 @@
-"""Numerical parity of the non-VAE network with the official implementation's outputs (both tiny presets, float32)."""
+"""Numerical parity of the non-VAE network with the official implementation's outputs (both tiny presets, float32),
+as built and with the CPU kernels swapped in."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import torch
 from reference_data import assert_close, reference_batch, reference_draws
 from safetensors.torch import load_file
 
-from voxcpm_core.data.collate import TrainBatch, collate
+from voxcpm_core.cpu.kernels import use_cpu_kernels
+from voxcpm_core.data.collate import collate
 from voxcpm_core.io.checkpoint import read_model_config
+from voxcpm_core.models.batch import TrainBatch
 from voxcpm_core.models.flow_matching import FlowDraws
 from voxcpm_core.models.kv_cache import KVCache
 from voxcpm_core.models.voxcpm import VoxCPMModel
@@ -30,11 +33,13 @@ def _fixture(preset_dir: Path):
     )
 
 
-@pytest.fixture
-def fx(preset_dir):
+@pytest.fixture(params=["built", "cpu_kernels"])
+def fx(preset_dir, request):
     config, weights, ref, info = _fixture(preset_dir)
     model = VoxCPMModel(config)
     model.load_state_dict(weights, strict=True)
+    if request.param == "cpu_kernels":
+        use_cpu_kernels(model)
     return model.eval(), ref, info
 
 

@@ -18,8 +18,7 @@ from wavs import write_clip, write_manifest
 
 from voxcpm_cli.main import app
 from voxcpm_core.cpu import capability
-from voxcpm_core.cpu.kernels import ONEDNN, Linear, PackedWeight, linear, pack_weights
-from voxcpm_core.cpu.memory import keep_freed_memory
+from voxcpm_core.cpu.kernels import ONEDNN, OneDNNLinear, PackedWeight, linear, pack_weights, use_cpu_kernels
 from voxcpm_core.dev.builder import build_model_dir, tiny_config
 from voxcpm_core.io.checkpoint import load_lora_dir, load_model_dir
 from voxcpm_core.models.kv_cache import KVCache
@@ -141,10 +140,12 @@ def test_onednn_linear_matches_f_linear_and_keeps_no_input_for_frozen_weights():
 @pytest.mark.parametrize("dtype, rows", [(torch.float32, 7), (torch.float32, 1), (torch.bfloat16, 1), (torch.bfloat16, 18)])
 def test_packed_weights_compute_the_same_and_follow_weight_changes(dtype, rows):
     torch.manual_seed(0)
-    layer = Linear(64, 96).to(dtype)
+    layer = torch.nn.Linear(64, 96).to(dtype)
     x = torch.randn(2, rows, 64).to(dtype)
     plain = F.linear(x, layer.weight, layer.bias)
-    assert pack_weights(layer) == 1 and isinstance(layer.packed, PackedWeight)
+    assert pack_weights(layer) == 0  # only the products use_cpu_kernels put on oneDNN
+    assert use_cpu_kernels(layer) == 1 and pack_weights(layer) == 1
+    assert isinstance(layer.linear_product.packed, PackedWeight)
     with torch.no_grad():
         assert_close(layer(x).float(), plain.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
         layer.weight.mul_(-1)  # an in-place change (LoRA merge, load_state_dict) repacks on the next call
@@ -152,22 +153,24 @@ def test_packed_weights_compute_the_same_and_follow_weight_changes(dtype, rows):
     out = layer(x)  # with grad: the plain weight, which autograd can differentiate
     out.float().sum().backward()
     assert layer.weight.grad is not None
-    assert pack_weights(layer, enabled=False) == 1 and layer.packed is None
+    assert pack_weights(layer, enabled=False) == 1 and layer.linear_product.packed is None
 
 
 @pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
 def test_packed_model_generates_what_the_plain_model_does(preset_dir, monkeypatch):
     from voxcpm_core.api import VoxCPM
 
+    def packed(model) -> set[str]:
+        return {name for name, m in model.named_modules() if isinstance(m, OneDNNLinear) and m.linear_product.packed is not None}
+
     plain = VoxCPM.from_pretrained(preset_dir / "base", device="cpu", dtype="float32", optimize=False)
     fast = VoxCPM.from_pretrained(preset_dir / "base", device="cpu", dtype="float32")  # the API default packs on CPU
-    assert all(getattr(m, "packed", None) is None for m in plain.model.modules())
-    packed = {name for name, m in fast.model.named_modules() if getattr(m, "packed", None) is not None}
-    multi_row = {name for name, m in fast.model.named_modules() if isinstance(m, Linear)
+    assert not packed(plain.model)
+    multi_row = {name for name, m in fast.model.named_modules() if isinstance(m, OneDNNLinear)
                  and name.startswith(("feat_encoder.", "feat_decoder."))}  # fmt: skip
-    assert packed == multi_row and packed  # float32: the LM steps (one row) read the plain weights
+    assert packed(fast.model) == multi_row and multi_row  # float32: the LM steps (one row) read the plain weights
     fast_bf16 = VoxCPM.from_pretrained(preset_dir / "base", device="cpu", dtype="bfloat16", optimize=True)
-    assert all(m.packed is not None for m in fast_bf16.model.modules() if isinstance(m, Linear))
+    assert packed(fast_bf16.model) == {name for name, m in fast_bf16.model.named_modules() if isinstance(m, torch.nn.Linear)}
     a = plain.generate("packed weights", seed=3, max_len=6, retry_badcase=False)
     reads = []
     get = PackedWeight.get
@@ -334,11 +337,6 @@ def test_vae_decoding_in_generation_reuses_freed_memory_on_cpu(preset_dir, monke
     assert blocks == [True]
 
 
-def test_keep_freed_memory_is_idempotent():
-    first = keep_freed_memory()
-    assert keep_freed_memory() == first
-
-
 REUSE_THEN_RETURN = """
 import os, torch
 from pathlib import Path
@@ -366,7 +364,7 @@ print(disabled - base, inside - base, after - base, rss_mib() - base)
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
 def test_reusing_freed_memory_keeps_it_inside_and_hands_it_back_after():
-    """In its own process: the switch is process-wide, and other tests may have made it permanent."""
+    """In its own process: the switch is process-wide, and the RSS figures must be this block's alone."""
     out = subprocess.run([sys.executable, "-c", REUSE_THEN_RETURN], capture_output=True, text=True, check=True)
     disabled, inside, after, later = map(float, out.stdout.split())
     assert disabled < 50  # glibc's own policy: a 256 MiB block is unmapped when freed

@@ -118,7 +118,7 @@ def test_set_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("lora.rank=16", "--set lora.rank=16: unknown key 'lora.rank'"),
+        ("lora.rank=16", "override lora.rank=16: unknown key 'lora.rank'"),
         ("batchsize=4", "did you mean 'batch_size'?"),
         ("batch_size", "expected KEY=VALUE"),
         ("batch_size=-1", "batch_size: Input should be greater than 0 (got -1)"),

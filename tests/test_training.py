@@ -17,12 +17,13 @@ from typer.testing import CliRunner
 from wavs import write_clip, write_manifest
 
 from voxcpm_cli.main import app
+from voxcpm_core.cpu import memory
 from voxcpm_core.dev.builder import build_model_dir, tiny_config
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.io import run_dir as train_state
 from voxcpm_core.io.checkpoint import load_lora_dir, load_model_dir
 from voxcpm_core.models.lora import LoRAConfig, load_lora_state_dict
 from voxcpm_core.models.voxcpm import VoxCPMModel
-from voxcpm_core.training import state as train_state
 from voxcpm_core.training import trainer
 from voxcpm_core.training.config import load_train_config
 from voxcpm_core.training.metrics import read_metrics
@@ -177,10 +178,13 @@ def test_dry_run_reports_and_trains_nothing(setup, tmp_path):
 
 
 def test_full_with_lora_section_and_unknown_key_are_clear_errors(setup, tmp_path):
-    with pytest.raises(VoxCPMError, match="train lora"):
+    with pytest.raises(VoxCPMError, match="mode 'lora'"):
         trainer.train(load_train_config(write_config(setup, tmp_path / "x")), "full")
+    result = _train_cli("full", write_config(setup, tmp_path / "x"))
+    assert result.exit_code == 1 and "(voxcpm train lora)" in str(result.exception)
     result = _train_cli("lora", write_config(setup, tmp_path / "y"), "--set", "lora.alpah=8")
     assert result.exit_code == 1 and "did you mean 'lora.alpha'" in str(result.exception)
+    assert "(--set)" in str(result.exception)  # the engine's "override", as this command's option
 
 
 def test_bad_sample_stops_before_training_unless_skip_bad(setup, tmp_path):
@@ -232,6 +236,27 @@ def test_resume_after_sigterm_logs_the_same_losses(setup, tmp_path, mode):
     weights = "lora_weights.safetensors" if mode == "lora" else "model.safetensors"
     wa, wb = load_file(straight / "step_0000005" / weights), load_file(resumed / "step_0000005" / weights)
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- memory policy
+
+
+class OpenMemoryBlocks(trainer.Reporter):
+    """Records how many reusing_freed_memory blocks are open after each step."""
+
+    def __init__(self):
+        self.depths = []
+
+    def step(self, step, metrics):
+        self.depths.append(memory._depth)
+
+
+@pytest.mark.skipif(memory._libc() is None, reason="the malloc policy needs glibc")
+def test_training_reuses_freed_memory_only_while_it_runs(setup, tmp_path):
+    """CPU steps keep freed memory for the next step; the run hands it back and restores malloc's policy."""
+    probe = OpenMemoryBlocks()
+    trainer.train(load_train_config(write_config(setup, tmp_path / "memory", num_iters=2)), "lora", probe)
+    assert probe.depths == [1, 1] and memory._depth == 0
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint files

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console
@@ -24,6 +25,20 @@ def set_verbose(verbose: bool) -> None:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """The engine's warnings (``warnings.warn``) as one yellow line, without Python's source-line echo."""
     err_console.print(f"[yellow]warning:[/] {escape(str(message))}", soft_wrap=True)
+
+
+@contextmanager
+def flag_hints(**flags: str) -> Iterator[None]:
+    """Say an engine error's fix in this command's options: the error names the API parameter that fixes it
+    (``VoxCPMError.param``, e.g. ``device``), ``flags`` the option that sets it (``device="--device"``), and
+    the message gets "(--device cpu)" appended. The message changes in place, so tests see it too."""
+    try:
+        yield
+    except VoxCPMError as exc:
+        flag = flags.get(exc.param or "")
+        if flag is not None:
+            exc.args = (f"{exc.args[0]} ({flag if exc.value is None else f'{flag} {exc.value}'})",)
+        raise
 
 
 def run_app(app: Callable[..., T]) -> None:

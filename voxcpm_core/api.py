@@ -4,70 +4,47 @@
     wav = tts.generate("Hello.", prompt_wav_path="ref.wav", prompt_text="Reference transcript.", seed=1)
     tts.set_lora_enabled(False); tts.load_lora("ckpt/other"); tts.unload_lora()
 
-A thin layer over ``checkpoint`` (loading), ``inference`` (generation) and ``lora`` (adapters):
-swapping adapters copies LoRA tensors in place and never reloads the base weights.
+A thin layer over ``io`` (loading), ``generation`` and ``adapters``/``models.lora`` (LoRA): swapping
+adapters copies LoRA tensors in place and never reloads the base weights. Adapter folders are read and
+checked by ``adapters.load_adapter``; an ``Adapter`` it returned can be passed wherever a folder can.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from voxcpm_core.adapters import read_adapter
+from voxcpm_core.adapters import Adapter, load_adapter, resolve_base_model
+from voxcpm_core.cpu.kernels import use_cpu_kernels
 from voxcpm_core.errors import VoxCPMError
 from voxcpm_core.generation import sampling as inference
+from voxcpm_core.generation.options import SamplingOptions
 from voxcpm_core.io.checkpoint import LoadedModel, load_model_dir
+from voxcpm_core.io.hub import resolve_model_dir
 from voxcpm_core.models import lora
 from voxcpm_core.models.lora import LoRAConfig
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "openbmb/VoxCPM1.5"
+
+def _read(adapter: str | os.PathLike | Adapter) -> Adapter:
+    return adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
 
 
-def resolve_model_dir(name: str | os.PathLike) -> Path:
-    """A local model directory, or a Hugging Face Hub id ("openbmb/VoxCPM1.5") downloaded to the hub cache."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or not HUB_ID.fullmatch(str(name)):
-        raise VoxCPMError(f"{path}: model directory not found; give a folder with config.json and the weights")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise VoxCPMError(
-            f"{name}: no such local directory; to download it as a Hugging Face Hub id install the hub extra: "
-            "pip install 'voxcpm-tune[hub]'"
-        ) from None
-    try:
-        return Path(snapshot_download(repo_id=str(name)))
-    except Exception as exc:  # offline, unknown repo, HTTP errors: all mean "not available"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise VoxCPMError(
-            f"{name}: no such local directory, and downloading it from the Hugging Face Hub failed ({reason}); "
-            "check the id and the network, or pass a local model directory"
-        ) from None
-
-
-def _adapter(path: str | os.PathLike, use_structure: bool) -> tuple[dict[str, torch.Tensor], LoRAConfig, bool]:
-    """Tensors and structure of a LoRA checkpoint folder, and whether the structure was saved with it.
-
-    Without a lora_config.json the structure is read from the tensors and alpha is the default: a warning
-    when that structure is going to be used (``use_structure``).
-    """
-    adapter = read_adapter(path)
+def _structure(adapter: Adapter) -> LoRAConfig:
+    """The LoRA structure to build for an adapter. Without a lora_config.json it is read from the tensors
+    and alpha is the default: a warning, as an adapter trained with another alpha would be scaled wrongly."""
     config = adapter.lora_config()
-    if adapter.config is None and use_structure:
+    if adapter.config is None:
         warnings.warn(
-            f"{path}: no lora_config.json; LoRA structure read from the weights (r={config.r}), "
-            f"alpha assumed {config.alpha}: pass lora_config= if it was trained with another alpha",
+            f"{adapter.path}: no lora_config.json; LoRA structure read from the weights (r={config.r}), "
+            f"alpha assumed {config.alpha}: give lora_config if it was trained with another alpha",
             stacklevel=3,
         )
-    return adapter.tensors, config, adapter.config is not None
+    return config
 
 
 def _check_alpha(layers: set[tuple[int, float]], config: LoRAConfig, path: str | os.PathLike) -> None:
@@ -96,7 +73,7 @@ class VoxCPM:
         *,
         hf_model_id: str | None = None,
         lora_config: LoRAConfig | None = None,
-        lora_weights_path: str | os.PathLike | None = None,
+        lora_weights_path: str | os.PathLike | Adapter | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = "auto",
         optimize: bool | None = True,
@@ -106,8 +83,9 @@ class VoxCPM:
 
         ``dtype`` "auto" is the faster one for the device: on CPU bfloat16 where it has native bf16 dot
         products, else float32; on GPU the config's dtype (the VAE stays float32).
-        ``lora_config`` builds the LoRA structure; ``lora_weights_path`` (a LoRA checkpoint folder) also
-        loads an adapter, its structure taken from its lora_config.json when ``lora_config`` is not given.
+        ``lora_config`` builds the LoRA structure; ``lora_weights_path`` (a LoRA checkpoint folder, or an
+        ``Adapter`` read already) also loads an adapter, its structure taken from its lora_config.json
+        when ``lora_config`` is not given.
         ``optimize`` (default True, as upstream): on CPU, prepack weights for oneDNN
         (``inference.pack_for_cpu_generation``), which costs memory for a second, packed copy of those
         weights (float32: the local encoder and LocDiT; bfloat16: every linear; the README gives the sizes);
@@ -119,17 +97,59 @@ class VoxCPM:
         if (path is None) == (hf_model_id is None):
             raise VoxCPMError("from_pretrained: give the model as path or hf_model_id (exactly one of them)")
         model_dir = resolve_model_dir(path if path is not None else hf_model_id)
-        adapter = None
-        if lora_weights_path is not None:
-            adapter, adapter_config, saved = _adapter(lora_weights_path, use_structure=lora_config is None)
-            if lora_config is not None and saved:
-                _check_alpha({(lora_config.r, lora_config.alpha)}, adapter_config, lora_weights_path)
-            lora_config = adapter_config if lora_config is None else lora_config
+        adapter = None if lora_weights_path is None else _read(lora_weights_path)
+        if adapter is not None and lora_config is None:
+            lora_config = _structure(adapter)
+        elif adapter is not None and adapter.config is not None:
+            _check_alpha({(lora_config.r, lora_config.alpha)}, adapter.config, adapter.path)
         tts = cls(load_model_dir(model_dir, lora=lora_config, device=device or "auto", dtype=dtype))
         if adapter is not None:
-            lora.load_lora_state_dict(tts.model, adapter, strict=True)
+            lora.load_lora_state_dict(tts.model, adapter.tensors, strict=True)
         tts._optimize(optimize)
         return tts
+
+    @classmethod
+    def from_adapters(
+        cls,
+        adapters: Sequence[Adapter],
+        model: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        optimize: bool | None = True,
+    ) -> VoxCPM:
+        """Load the model once to speak under each of ``adapters`` in turn (``load_lora``), the first loaded.
+
+        ``adapters`` come from ``adapters.load_adapter`` (read and checked there, once); every one must
+        share the first one's LoRA structure (rank, alpha, targets). ``model`` None means the adapters'
+        common ``base_model``; none at all: the plain ``model``. The rest as in ``from_pretrained``.
+        """
+        settings = dict(device=device, dtype=dtype, optimize=optimize)
+        if not adapters:
+            if model is None:
+                raise VoxCPMError(
+                    "no model given: give model, or adapters whose lora_config.json names a base_model", param="model"
+                )
+            return cls.from_pretrained(model, **settings)
+        first = adapters[0].lora_config()
+        for adapter in adapters[1:]:
+            structure = adapter.lora_config()
+            if structure.structure() != first.structure():
+                raise VoxCPMError(
+                    f"{adapter.path}: its LoRA structure (r={structure.r}, alpha={structure.alpha}) differs from "
+                    f"{adapters[0].path}'s (r={first.r}, alpha={first.alpha}) or targets other layers; adapters "
+                    "swapped in one run must share rank, alpha and targets: render them in separate runs"
+                )
+        if model is None:
+            bases = {adapter.path: resolve_base_model(adapter) for adapter in adapters}
+            model = bases[adapters[0].path]
+            other = next((path for path, base in bases.items() if base.resolve() != model.resolve()), None)
+            if other is not None:
+                raise VoxCPMError(
+                    f"{other} names base model {bases[other]} but {adapters[0].path} names {model}; "
+                    "give the base model as model",
+                    param="model",
+                )
+        return cls.from_pretrained(model, lora_weights_path=adapters[0], **settings)
 
     @property
     def model(self):
@@ -142,6 +162,7 @@ class VoxCPM:
     def _optimize(self, optimize: bool | None) -> None:
         m = self.model
         device = m.enc_to_lm_proj.weight.device.type
+        use_cpu_kernels(m)  # how a CPU computes the same math (oneDNN, few-key attention); a no-op elsewhere
         if device == "cpu" and optimize is not False:
             inference.pack_for_cpu_generation(m)  # hot-swaps leave base weights alone; merges repack on the next call
         elif device == "cuda" and optimize:
@@ -171,7 +192,7 @@ class VoxCPM:
         prompt_wav_path: str | os.PathLike | None = None,
         prompt_text: str | None = None,
         seed: int | None = None,
-        options: inference.SamplingOptions | None = None,
+        options: SamplingOptions | None = None,
     ) -> inference.Generation:
         """``generate`` with the details: the wave plus the seed used, tries and patch count."""
         prompt = self._prompt(prompt_wav_path, prompt_text)
@@ -183,20 +204,23 @@ class VoxCPM:
         text: str,
         prompt_wav_path: str | os.PathLike | None = None,
         prompt_text: str | None = None,
-        cfg_value: float = 2.0,
-        inference_timesteps: int = 10,
-        min_len: int = 2,
-        max_len: int = 4096,
+        cfg_value: float = SamplingOptions.cfg_value,
+        inference_timesteps: int = SamplingOptions.inference_timesteps,
+        min_len: int = SamplingOptions.min_len,
+        max_len: int = SamplingOptions.max_len,
         seed: int | None = None,
-        retry_badcase: bool = True,
-        retry_badcase_max_times: int = 3,
-        retry_badcase_ratio_threshold: float = 6.0,
+        retry_badcase: bool = SamplingOptions.retry_badcase,
+        retry_badcase_max_times: int = SamplingOptions.retry_badcase_max_times,
+        retry_badcase_ratio_threshold: float = SamplingOptions.retry_badcase_ratio_threshold,
     ) -> np.ndarray:
-        """Speech for ``text`` as float32 [samples] at ``sample_rate`` (only the new speech with a prompt)."""
-        options = inference.SamplingOptions(
+        """Speech for ``text`` as float32 [samples] at ``sample_rate`` (only the new speech with a prompt).
+
+        The sampling arguments default to ``SamplingOptions``' fields (the reference's defaults).
+        """
+        options = SamplingOptions(
             cfg_value, inference_timesteps, min_len, max_len,
             retry_badcase, retry_badcase_max_times, retry_badcase_ratio_threshold,
-        )
+        )  # fmt: skip
         return self.synthesize(text, prompt_wav_path, prompt_text, seed, options).wav
 
     def generate_streaming(
@@ -204,14 +228,14 @@ class VoxCPM:
         text: str,
         prompt_wav_path: str | os.PathLike | None = None,
         prompt_text: str | None = None,
-        cfg_value: float = 2.0,
-        inference_timesteps: int = 10,
-        min_len: int = 2,
-        max_len: int = 4096,
+        cfg_value: float = SamplingOptions.cfg_value,
+        inference_timesteps: int = SamplingOptions.inference_timesteps,
+        min_len: int = SamplingOptions.min_len,
+        max_len: int = SamplingOptions.max_len,
         seed: int | None = None,
     ) -> Iterator[np.ndarray]:
         """Yield float32 chunks, one per generated patch; together they equal ``generate`` (no bad-case retry)."""
-        options = inference.SamplingOptions(cfg_value, inference_timesteps, min_len, max_len, retry_badcase=False)
+        options = SamplingOptions(cfg_value, inference_timesteps, min_len, max_len, retry_badcase=False)
         prompt = self._prompt(prompt_wav_path, prompt_text)  # checked now, not at the first chunk
         m = self.loaded
         return inference.generate_streaming(m.model, m.vae, m.tokenizer, text, prompt, options, seed)
@@ -220,21 +244,24 @@ class VoxCPM:
 
     @property
     def lora_enabled(self) -> bool:
-        """Whether the model has a LoRA structure (as in the reference; ``set_lora_enabled`` does not change it)."""
-        return any(True for _ in lora.lora_modules(self.model))
+        """Whether LoRA adapters are active: False without a LoRA structure or after ``set_lora_enabled(False)``."""
+        return lora.lora_is_enabled(self.model)
 
-    def load_lora(self, path: str | os.PathLike) -> tuple[list[str], list[str]]:
-        """Load the adapter in a LoRA checkpoint folder in place -> (loaded keys, skipped keys).
+    def load_lora(self, path: str | os.PathLike | Adapter) -> tuple[list[str], list[str]]:
+        """Load the adapter of a LoRA checkpoint folder (or an ``Adapter`` read already) in place
+        -> (loaded keys, skipped keys).
 
         A model loaded without LoRA gets the adapter's structure first. An adapter whose rank, targets,
         shapes or saved alpha differ from the model's LoRA structure is an error, never a partial load.
         """
-        state_dict, config, saved = _adapter(path, use_structure=not self.lora_enabled)
-        if not self.lora_enabled:
-            lora.apply_lora(self.model, config)
-        elif saved:
-            _check_alpha({(m.r, m.alpha) for _, m in lora.lora_modules(self.model)}, config, path)
-        return lora.load_lora_state_dict(self.model, state_dict, strict=True)
+        adapter = _read(path)
+        layers = {(m.r, m.alpha) for _, m in lora.lora_modules(self.model)}
+        if not layers:
+            lora.apply_lora(self.model, _structure(adapter))
+            use_cpu_kernels(self.model)  # the new LoRA layers' base products, as the linears they wrap
+        elif adapter.config is not None:
+            _check_alpha(layers, adapter.config, adapter.path)
+        return lora.load_lora_state_dict(self.model, adapter.tensors, strict=True)
 
     def unload_lora(self) -> None:
         """Reset every adapter to a zero update: outputs equal the base model's."""

@@ -1,15 +1,21 @@
 """Typed model configuration: the official ``config.json`` of a VoxCPM model directory.
 
 Unknown keys are ignored (later releases add fields); impossible values are rejected with a
-message that names the key. ``load_model_config`` turns pydantic errors into ``VoxCPMError``.
+message that names the key. ``config_error`` is how every typed config (this one, the training
+YAML, LoRA options) turns a pydantic error into one ``VoxCPMError`` line.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
-from typing import Literal
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from voxcpm_core.errors import VoxCPMError
 
@@ -172,7 +178,7 @@ class VoxCPMConfig(_Config):
                 )
             )
         except ValidationError as exc:
-            raise ValueError(_first_error(exc)) from None
+            raise ValueError(_problem(exc.errors()[0])) from None
 
     @property
     def residual_lm_config(self) -> LMConfig:
@@ -200,16 +206,77 @@ class VoxCPMConfig(_Config):
         return self.hop_length * self.patch_size
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {msg}" if where else msg
-
-
 def parse_model_config(data: dict, source: str = "config.json") -> VoxCPMConfig:
     """Validate a config dict; any problem becomes one ``VoxCPMError`` line naming the key."""
     try:
         return VoxCPMConfig.model_validate(data)
     except ValidationError as exc:
-        raise VoxCPMError(f"{source}: invalid model config: {_first_error(exc)}") from None
+        raise config_error(exc, source, VoxCPMConfig, what="model config key") from None
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def config_keys(model: type[BaseModel]) -> dict[str, Any]:
+    """Key as written in a file (a field's alias, when it has one) -> the field's annotation."""
+    return {(f.alias or name): f.annotation for name, f in model.model_fields.items()}
+
+
+def nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside ``annotation`` (``M`` or ``M | None``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = nested_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def unknown_key_error(
+    source: str, key_path: Sequence[str], known: Iterable[str], what: str = "key"
+) -> VoxCPMError:
+    """``SOURCE: unknown key 'a.b'; did you mean 'a.c'?`` (the known keys when none is close)."""
+    known = list(known)
+    close = difflib.get_close_matches(key_path[-1], known, n=1, cutoff=0.6)
+    prefix = "".join(f"{part}." for part in key_path[:-1])
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known options: {', '.join(known)}"
+    return VoxCPMError(f"{source}: unknown {what} '{'.'.join(key_path)}'; {hint}")
+
+
+def _problem(err: ErrorDetails, what: str | None = None) -> str:
+    """``KEY: what is wrong (got VALUE)``, or ``invalid WHAT 'KEY': ...`` when the keys have a name."""
+    key = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "missing":
+        return f"missing {what} '{key}'" if what else f"{key}: missing"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] != "value_error":  # our own validators' messages quote the values already
+        message += f" (got {err.get('input')!r})"
+    if not key:
+        return message
+    return f"invalid {what} '{key}': {message}" if what else f"{key}: {message}"
+
+
+def config_error(
+    exc: ValidationError,
+    source: str,
+    model: type[BaseModel],
+    what: str | None = None,
+    fix: str = "",
+    param: str | None = None,
+) -> VoxCPMError:
+    """The first error of ``exc`` as one line: ``source``, the key path, what is wrong and the value given.
+
+    An unknown key (``extra="forbid"``) gets a "did you mean"; ``fix`` (``{key}`` is filled in) says how
+    to set a missing or wrong value, and ``param`` is then the API parameter it goes through
+    (``VoxCPMError.param``); ``what`` names the keys ("LoRA option"), else they read as YAML.
+    """
+    err = exc.errors()[0]
+    key_path = [str(part) for part in err["loc"]]
+    if err["type"] == "extra_forbidden":
+        for part in key_path[:-1]:
+            model = nested_model(config_keys(model)[part])
+        return unknown_key_error(source, key_path, config_keys(model), what or "key")
+    hint = f"; {fix.format(key='.'.join(key_path))}" if fix and err["type"] != "value_error" else ""
+    return VoxCPMError(f"{source}: {_problem(err, what)}{hint}", param=param if hint else None)

@@ -12,7 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from voxcpm_cli.options import Json
-from voxcpm_core.data.manifest import ERROR, ValidationReport, default_workers, validate_manifest
+from voxcpm_core.data.manifest import ERROR
+from voxcpm_core.data.report import Spread, ValidationReport
+from voxcpm_core.data.validate import default_workers, validate_manifest
 
 app = typer.Typer(help="Check training data before you spend GPU hours on it.", no_args_is_help=True)
 
@@ -113,11 +115,11 @@ def _seconds(value: float) -> str:
     return f"{value:.2f} s"
 
 
-def _spread(summary: dict | None, fmt=_seconds) -> str:
-    if not summary:
+def _spread(spread: Spread | None, fmt=_seconds) -> str:
+    if spread is None:
         return "-"
-    keys = [k for k in ("min", "median", "p95", "max") if k in summary]
-    return " / ".join(fmt(summary[k]) for k in keys) + f"  ({'/'.join(keys)})"
+    keys = [k for k in ("min", "median", "p95", "max") if getattr(spread, k) is not None]
+    return " / ".join(fmt(getattr(spread, k)) for k in keys) + f"  ({'/'.join(keys)})"
 
 
 def _counts(counts: dict, names: dict | None = None) -> str:
@@ -126,44 +128,44 @@ def _counts(counts: dict, names: dict | None = None) -> str:
 
 def _summary_table(report: ValidationReport) -> Table:
     stats = report.stats
-    lines = stats["lines"]
+    lines = stats.lines
     table = Table(title=f"[bold]{escape(str(report.manifest))}[/]", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("lines", str(lines["total"]))
-    table.add_row("  ok", f"[green]{lines['ok']}[/]")
-    table.add_row("  with warnings only", f"[yellow]{lines['with_warnings']}[/]")
-    table.add_row("  with errors", f"[red]{lines['with_errors']}[/]" if lines["with_errors"] else "0")
-    hours = stats["total_hours"]
+    table.add_row("lines", str(lines.total))
+    table.add_row("  ok", f"[green]{lines.ok}[/]")
+    table.add_row("  with warnings only", f"[yellow]{lines.with_warnings}[/]")
+    table.add_row("  with errors", f"[red]{lines.with_errors}[/]" if lines.with_errors else "0")
+    hours = stats.total_hours
     total = f"{hours:.2f} h" if hours >= 1 else f"{hours * 60:.1f} min"
-    table.add_row("readable audio", f"{stats['readable_audio']} samples, {total}")
-    table.add_row("duration", _spread(stats["duration_s"]))
-    table.add_row("text characters", _spread(stats["text_chars"], fmt=lambda v: f"{v:.0f}"))
-    table.add_row("sample rates (Hz)", _counts(stats["sample_rates"]))
-    table.add_row("channels", _counts(stats["channels"]))
-    table.add_row("formats", _counts(stats["formats"]))
-    table.add_row("audio paths found via", _counts(stats["path_rules"], PATH_RULES))
-    table.add_row("dataset_id", _counts(stats["dataset_ids"]))
-    options = stats["options"]
-    if options["sample_rate"]:
+    table.add_row("readable audio", f"{stats.readable_audio} samples, {total}")
+    table.add_row("duration", _spread(stats.duration_s))
+    table.add_row("text characters", _spread(stats.text_chars, fmt=lambda v: f"{v:.0f}"))
+    table.add_row("sample rates (Hz)", _counts(stats.sample_rates))
+    table.add_row("channels", _counts(stats.channels))
+    table.add_row("formats", _counts(stats.formats))
+    table.add_row("audio paths found via", _counts(stats.path_rules, PATH_RULES))
+    table.add_row("dataset_id", _counts(stats.dataset_ids))
+    options = stats.options
+    if options.sample_rate:
         table.add_row(
-            "model sample rate", f"{options['sample_rate']} Hz" + (" (--strict)" if options["strict"] else "")
+            "model sample rate", f"{options.sample_rate} Hz" + (" (--strict)" if options.strict else "")
         )
-    seq = stats["sequence"]
+    seq = stats.sequence
     if seq:
-        table.add_row("sequence tokens", _spread(seq, fmt=lambda v: f"{v:.0f}"))
-        if seq.get("max_batch_tokens"):
+        table.add_row("sequence tokens", _spread(seq.tokens, fmt=lambda v: f"{v:.0f}"))
+        if seq.max_batch_tokens:
             table.add_row(
                 "  over max_batch_tokens",
-                f"{seq['over_max_batch_tokens']} (> {seq['max_batch_tokens']}: dropped)",
+                f"{seq.over_max_batch_tokens} (> {seq.max_batch_tokens}: dropped)",
             )
-        if seq.get("per_sample_budget"):
+        if seq.per_sample_budget:
             table.add_row(
                 "  over max_batch_tokens / batch_size",
-                f"{seq['over_per_sample_budget']} (> {seq['per_sample_budget']}: can't share a full batch)",
+                f"{seq.over_per_sample_budget} (> {seq.per_sample_budget}: can't share a full batch)",
             )
     if len(report.issues) > MAX_SHOWN:
-        table.add_row("problems by kind", _counts(stats["issue_counts"]))
+        table.add_row("problems by kind", _counts(stats.issue_counts))
     return table
 
 
@@ -189,13 +191,13 @@ def _print_report(report: ValidationReport, console: Console) -> None:
         hidden = len(report.issues) - MAX_SHOWN
         if hidden > 0:
             console.print(f"... and {hidden} more problems (--json lists them all)")
-    lines = report.stats["lines"]
+    lines = report.stats.lines
     if report.ok:
-        note = f", {lines['with_warnings']} with warnings" if lines["with_warnings"] else ""
-        console.print(f"[bold green]OK[/]: {lines['total']} lines, no errors{note}")
-    elif lines["with_errors"]:
+        note = f", {lines.with_warnings} with warnings" if lines.with_warnings else ""
+        console.print(f"[bold green]OK[/]: {lines.total} lines, no errors{note}")
+    elif lines.with_errors:
         console.print(
-            f"[bold red]FAILED[/]: {lines['with_errors']} of {lines['total']} lines have errors; fix or drop them"
+            f"[bold red]FAILED[/]: {lines.with_errors} of {lines.total} lines have errors; fix or drop them"
         )
     else:
         console.print(f"[bold red]FAILED[/]: {escape(report.errors[0].message)}")

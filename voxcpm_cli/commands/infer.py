@@ -4,12 +4,24 @@ optionally under one or several LoRA adapters (swapped in place: one model load 
 from __future__ import annotations
 
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from voxcpm_cli.options import Device, DeviceChoice, Dtype, DtypeChoice
+from voxcpm_cli.errors import flag_hints
+from voxcpm_cli.options import Device, DeviceChoice, Dtype, DtypeChoice, training_lora_settings
+from voxcpm_core.generation.options import MAX_PATCHES_EXTRA, MAX_PATCHES_PER_TOKEN, SamplingOptions
+
+FLAGS = {  # engine parameter -> the option of this command that sets it (for error hints)
+    "model": "--ckpt-dir",
+    "base": "--ckpt-dir",
+    "lora_config": "--config TRAIN.yaml",
+    "device": "--device",
+    "dtype": "--dtype",
+    **{f.name: "--" + f.name.replace("_", "-") for f in fields(SamplingOptions)},
+}
 
 
 def infer(
@@ -68,14 +80,20 @@ def infer(
         ),
     ] = None,
     prompt_text: Annotated[str | None, typer.Option(help="Transcript of --prompt-audio.")] = None,
-    cfg_value: Annotated[float, typer.Option(help="Classifier-free guidance strength.")] = 2.0,
-    inference_timesteps: Annotated[int, typer.Option(min=1, help="Flow-matching steps per patch.")] = 10,
+    cfg_value: Annotated[float, typer.Option(help="Classifier-free guidance strength.")] = SamplingOptions.cfg_value,
+    inference_timesteps: Annotated[
+        int, typer.Option(min=1, help="Flow-matching steps per patch.")
+    ] = SamplingOptions.inference_timesteps,
     min_len: Annotated[
         int, typer.Option(min=0, help="Patches generated before the stop head may end the speech.")
-    ] = 2,
+    ] = SamplingOptions.min_len,
     max_len: Annotated[
-        int, typer.Option(min=1, help="Most patches to generate (also capped at 6 per text token + 10).")
-    ] = 4096,
+        int,
+        typer.Option(
+            min=1,
+            help=f"Most patches to generate (also capped at {MAX_PATCHES_PER_TOKEN} per text token + {MAX_PATCHES_EXTRA}).",
+        ),
+    ] = SamplingOptions.max_len,
     seed: Annotated[
         int | None,
         typer.Option(min=0, help="Random seed (the same for every text); drawn and printed when not given."),
@@ -83,9 +101,10 @@ def infer(
     retry_badcase: Annotated[
         bool,
         typer.Option(
-            "--retry-badcase/--no-retry-badcase", help="Redo a run that never stopped, with seed+1 (3 tries)."
+            "--retry-badcase/--no-retry-badcase",
+            help=f"Redo a run that never stopped, with seed+1 ({SamplingOptions.retry_badcase_max_times} tries).",
         ),
-    ] = True,
+    ] = SamplingOptions.retry_badcase,
     device: Device = DeviceChoice.auto,
     dtype: Dtype = DtypeChoice.auto,
     optimize: Annotated[
@@ -102,45 +121,36 @@ def infer(
 
     One text: --text ... --output out.wav. Many: --text-file or --batch with --output-dir (one model load).
     """
-    from voxcpm_core.adapters import training_lora_settings
-    from voxcpm_core.generation.render import load_for_adapters, read_utterances, render
-    from voxcpm_core.generation.sampling import (  # torch loads only when a command runs
-        SamplingOptions,
-        new_seed,
-    )
+    from voxcpm_core.adapters import load_adapter  # torch loads only when a command runs
+    from voxcpm_core.api import VoxCPM
+    from voxcpm_core.generation.render import read_utterances, render
+    from voxcpm_core.generation.sampling import new_seed
 
-    adapters = lora_ckpt or []
-    _check_usage(
-        text, text_file, batch, output, output_dir, adapters, config, ckpt_dir, prompt_audio, prompt_text
-    )
-    # texts, prompts and the LoRA config are checked before the (slow) model load
-    utterances = read_utterances(text, text_file, batch, prompt_audio, prompt_text, output)
-    lora_config, yaml_base = training_lora_settings(config) if config is not None else (None, None)
-    options = SamplingOptions(cfg_value, inference_timesteps, min_len, max_len, retry_badcase)
-    seed = new_seed() if seed is None else seed
+    paths = lora_ckpt or []
+    _check_usage(text, text_file, batch, output, output_dir, paths, config, ckpt_dir, prompt_audio, prompt_text)
+    with flag_hints(**FLAGS):
+        # texts, prompts and adapters (each read and checked once, here) come before the (slow) model load
+        utterances = read_utterances(text, text_file, batch, prompt_audio, prompt_text, output)
+        lora_config, yaml_base = training_lora_settings(config) if config is not None else (None, None)
+        adapters = [load_adapter(path, lora_config) for path in paths]
+        options = SamplingOptions(cfg_value, inference_timesteps, min_len, max_len, retry_badcase)
+        seed = new_seed() if seed is None else seed
 
-    start = time.perf_counter()
-    tts = load_for_adapters(
-        adapters,
-        ckpt_dir if ckpt_dir is not None else yaml_base,
-        lora_config,
-        device.value,
-        dtype.value,
-        optimize,
-    )
-    count = 0
-    for done in render(tts, utterances, output_dir or Path("."), adapters, options, seed):
-        count += 1
-        sr = tts.sample_rate
-        retries = (
-            f" (bad case: {done.tries} tries, the last with seed {seed + done.tries - 1})"
-            if done.tries > 1
-            else ""
-        )
-        typer.echo(
-            f"wrote {done.path}: {done.seconds:.2f} s of audio at {sr} Hz in {done.elapsed:.2f} s "
-            f"(RTF {done.elapsed / max(done.seconds, 1e-9):.2f}), seed {seed}{retries}"
-        )
+        start = time.perf_counter()
+        model = ckpt_dir if ckpt_dir is not None else yaml_base
+        tts = VoxCPM.from_adapters(adapters, model, device.value, dtype.value, optimize)
+        count = 0
+        for done in render(tts, utterances, output_dir or Path("."), adapters, options, seed):
+            count += 1
+            retries = (
+                f" (bad case: {done.tries} tries, the last with seed {seed + done.tries - 1})"
+                if done.tries > 1
+                else ""
+            )
+            typer.echo(
+                f"wrote {done.path}: {done.seconds:.2f} s of audio at {tts.sample_rate} Hz in {done.elapsed:.2f} s "
+                f"(RTF {done.elapsed / max(done.seconds, 1e-9):.2f}), seed {seed}{retries}"
+            )
     if count > 1:
         grid = f" ({len(utterances)} texts x {len(adapters)} adapters)" if len(adapters) > 1 else ""
         typer.echo(

@@ -11,21 +11,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from voxcpm_cli.options import Json
+from voxcpm_cli.errors import flag_hints
+from voxcpm_cli.options import Json, training_lora_settings
 
 if TYPE_CHECKING:
-    from voxcpm_core.adapters import AdapterReport
+    from voxcpm_core.adapter_report import AdapterReport
     from voxcpm_core.models.lora import LoRAConfig
 
 app = typer.Typer(help="Inspect LoRA adapters and merge them into standalone models.", no_args_is_help=True)
 console = Console(highlight=False)
-
-COMPONENT_NAMES = {
-    "base_lm": "base_lm (LM)",
-    "residual_lm": "residual_lm (LM)",
-    "dit": "feat_decoder (DiT)",
-    "proj": "projections",
-}
+FLAGS = {"base": "--base", "lora_config": "--config TRAIN.yaml"}  # engine parameter -> option (error hints)
 
 LoraDir = Annotated[
     Path,
@@ -58,8 +53,6 @@ def _settings(config: Path | None, base: str | None) -> tuple[LoRAConfig | None,
     """The LoRA structure and base a --config YAML gives (an explicit --base wins)."""
     if config is None:
         return None, base
-    from voxcpm_core.adapters import training_lora_settings
-
     lora_config, yaml_base = training_lora_settings(config)
     return lora_config, base if base is not None else yaml_base
 
@@ -72,10 +65,11 @@ def inspect(
 
     Exit code 0 when the adapter is usable (on the base, when one is known), 1 with the reasons otherwise.
     """
-    from voxcpm_core.adapters import inspect_adapter  # torch loads only when a command runs
+    from voxcpm_core.adapter_report import inspect_adapter  # torch loads only when a command runs
 
-    lora_config, base = _settings(config, base)
-    report = inspect_adapter(lora_dir, base, lora_config)
+    with flag_hints(**FLAGS):
+        lora_config, base = _settings(config, base)
+        report = inspect_adapter(lora_dir, base, lora_config)
     if json_output:
         typer.echo(json.dumps(report.to_dict(), ensure_ascii=False))
     else:
@@ -95,10 +89,15 @@ def merge(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT_DIR if it exists.")] = False,
 ) -> None:
     """Fold the adapter into its base: a standalone model directory (W + alpha/r * B A, in the base's dtype)."""
-    from voxcpm_core.adapters import merge_adapter
+    from voxcpm_core.adapters import AdapterMismatchError, merge_adapter
 
-    lora_config, base = _settings(config, base)
-    result = merge_adapter(lora_dir, base, output, lora_config, overwrite=overwrite)
+    with flag_hints(**FLAGS):
+        lora_config, base = _settings(config, base)
+        try:
+            result = merge_adapter(lora_dir, base, output, lora_config, overwrite=overwrite)
+        except AdapterMismatchError as exc:  # all the reasons are one command away
+            exc.args = (f"{exc}; see voxcpm lora inspect {exc.lora_dir} --base {exc.base}",)
+            raise
     cfg = result.config
     console.print(
         f"merged {result.layers} LoRA layers (r={cfg.r}, alpha={cfg.alpha}, scaling {cfg.scaling:g}) into "
@@ -144,6 +143,8 @@ def _print_report(report: AdapterReport) -> None:
     console.print(summary)
 
     if report.components:
+        from voxcpm_core.models.lora import LORA_PARTS
+
         with_base = any(c.relative_update is not None for c in report.components)
         table = Table(title="[bold]update size per component[/]", title_justify="left")
         table.add_column("component", no_wrap=True)
@@ -155,9 +156,10 @@ def _print_report(report: AdapterReport) -> None:
             table.add_column("largest layer", overflow="fold")
         for c in report.components:
             size = _percent(c.relative_update) if with_base else f"{c.update_norm:.4g}"
-            row = [COMPONENT_NAMES[c.name], ", ".join(c.modules), str(c.layers), f"{c.parameters:,}", size]
+            part = LORA_PARTS[c.name]
+            row = [part.label, ", ".join(c.modules), str(c.layers), f"{c.parameters:,}", size]
             if with_base:
-                layer = c.max_layer.removeprefix("feat_decoder.estimator.").removeprefix(f"{c.name}.")
+                layer = c.max_layer.removeprefix(f"{part.prefix}.")
                 row.append(f"{_percent(c.max_relative_update)} {escape(layer)}")
             table.add_row(*row)
         console.print(table)

@@ -26,6 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from voxcpm_cli.errors import flag_hints
 from voxcpm_cli.options import Overrides
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console(highlight=False)
+FLAGS = {"overrides": "--set", "skip_bad": "--skip-bad", "mode": "voxcpm train"}  # engine parameter -> CLI (error hints)
 
 ConfigPath = Annotated[
     Path, typer.Option("--config", "-c", help="Training YAML (the guide's schema), e.g. conf/demo/lora.yaml.")
@@ -79,17 +81,18 @@ def _train(mode: str, config: Path, overrides: list[str] | None, dry_run: bool, 
     from voxcpm_core.training import trainer  # torch loads only when a command runs
     from voxcpm_core.training.config import load_train_config
 
-    cfg = load_train_config(config, overrides)
-    reporter = RichReporter(cfg.log_interval)
-    if dry_run:
-        try:
-            report = trainer.dry_run(cfg, mode, reporter, skip_bad)
-        finally:
-            reporter.finish()
-        _print_dry_run(report)
-        return
-    started = time.perf_counter()
-    result = trainer.train(cfg, mode, reporter, skip_bad)
+    with flag_hints(**FLAGS):
+        cfg = load_train_config(config, overrides)
+        reporter = RichReporter(cfg.log_interval)
+        if dry_run:
+            try:
+                report = trainer.dry_run(cfg, mode, reporter, skip_bad)
+            finally:
+                reporter.finish()
+            _print_dry_run(report)
+            return
+        started = time.perf_counter()
+        result = trainer.train(cfg, mode, reporter, skip_bad)
     if result.is_main:
         _print_result(result, cfg, time.perf_counter() - started)
     if result.signal is not None:
@@ -208,7 +211,5 @@ def _print_dry_run(r: DryRunReport) -> None:
 
 
 def _describe_lora(lora) -> str:
-    parts = [f"lm: {'/'.join(lora.target_modules_lm)}" if lora.enable_lm else "",
-             f"dit: {'/'.join(lora.target_modules_dit)}" if lora.enable_dit else "",
-             f"proj: {'/'.join(lora.target_proj_modules)}" if lora.enable_proj else ""]
-    return f"r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout}; " + ", ".join(p for p in parts if p)
+    targets = ", ".join(f"{group}: {'/'.join(leaves)}" for group, leaves in lora.targets().items())
+    return f"r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout}; {targets}"

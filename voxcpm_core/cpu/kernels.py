@@ -1,11 +1,16 @@
-"""Linear layers whose CPU matmuls run on oneDNN, optionally from prepacked weights.
+"""CPU kernels swapped into a built model: linear products on oneDNN (optionally from prepacked weights)
+and attention as plain matmuls over few keys.
 
-On AMD CPUs MKL's sgemm reaches only 60-75% of oneDNN's float32 rate at the shapes of these
-models (bench/machine.py measures both), and 3-4x less at the matrix-vector shapes of generation.
-For inference, ``pack_weights`` keeps a oneDNN-blocked copy of each weight (``PackedWeight``):
-without it oneDNN reorders the weight on every call, so prepacked weights stream ~2x faster in
-bfloat16 at every row count and ~1.6x faster in float32 at the 18 rows of the CFG-batched LocDiT.
-Same math, same weights and state-dict keys; other devices, autocast regions and empty inputs use
+Model code uses plain ``nn.Linear`` and SDPA; ``use_cpu_kernels(model)`` changes how a CPU model computes,
+not what: parameters, buffers and state-dict keys stay, the math is the same up to float rounding.
+Training applies it where the model is set up, generation where it is loaded; generation then also
+prepacks weights (``pack_weights``). Two model hooks opt modules in beyond ``nn.Linear``:
+``linear_product`` (LoRA layers: the product with the frozen weight) and ``small_attention_keys``
+(attention layers: up to how many keys the plain-matmul attention runs).
+
+On AMD CPUs oneDNN multiplies these models' float32 shapes faster than MKL's sgemm, most of all at the
+matrix-vector shapes of generation, and a prepacked weight spares oneDNN a reorder of the weight on every
+call (bench/machine.py measures each path). Autocast regions, other dtypes and empty inputs use
 ``F.linear`` unchanged.
 """
 
@@ -19,6 +24,9 @@ from voxcpm_core.cpu.capability import cpu
 
 ONEDNN = cpu().onednn
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16) if cpu().onednn_bf16 else (torch.float32,)
+# Up to this many keys a CPU attention layer runs as batched matmuls (models.minicpm.small_attention),
+# forward and backward; beyond, SDPA's kernels win and keep no [T, S] probabilities.
+SMALL_ATTENTION_KEYS = 128
 
 
 def onednn_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,8 +37,8 @@ def onednn_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 class _OneDNNLinear(torch.autograd.Function):
     """y = x W^T + b on 2-D x; saves x only when W needs a gradient (frozen LoRA bases keep no input).
 
-    x is made contiguous first: oneDNN falls back to a reference kernel for the transposed strided
-    view of a row slice in the weight gradient (0.1 GFLOP/s, ~1 s of a full fine-tuning step).
+    x is made contiguous first: for the transposed strided view of a row slice oneDNN's weight-gradient
+    matmul falls back to its slow reference kernel.
     """
 
     @staticmethod
@@ -103,26 +111,72 @@ def linear(
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` computed by ``linear`` above (same parameters and keys)."""
+class OneDNNProduct:
+    """x W^T + b of one layer by ``linear``, from the prepacked weight ``pack_weights`` gives it (or none)."""
 
-    packed: PackedWeight | None = None  # set by pack_weights
+    def __init__(self):
+        self.packed: PackedWeight | None = None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear(x, weight, bias, self.packed)
+
+
+class OneDNNLinear(nn.Linear):
+    """An ``nn.Linear`` whose product is its ``OneDNNProduct``; ``use_cpu_kernels`` swaps the class of an
+    existing ``nn.Linear``, so its parameters and state-dict keys are the ones it had."""
+
+    linear_product: OneDNNProduct
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+        return self.linear_product(x, self.weight, self.bias)
+
+
+def _on_cpu(model: nn.Module) -> bool:
+    return all(p.device.type == "cpu" for p in model.parameters())
+
+
+def _onednn_candidate(module: nn.Module) -> bool:
+    """A plain ``nn.Linear``, or a module whose ``linear_product`` hook is not on oneDNN yet."""
+    if type(module) is nn.Linear:
+        return True
+    return hasattr(module, "linear_product") and not isinstance(module.linear_product, OneDNNProduct)
+
+
+def use_cpu_kernels(model: nn.Module) -> int:
+    """Swap this CPU's kernels into ``model`` (in place; a no-op unless all its parameters are on the CPU).
+
+    Where torch has oneDNN (``cpu().onednn``): every ``nn.Linear`` becomes a ``OneDNNLinear`` and every
+    module with a ``linear_product`` hook (a LoRA layer's frozen product) gets a ``OneDNNProduct``. Every
+    module with a ``small_attention_keys`` hook attends over up to ``SMALL_ATTENTION_KEYS`` keys with
+    plain matmuls. Idempotent; apply again after adding LoRA layers or merging them away, and not to a
+    model bound for another device. Returns how many linear products it put on oneDNN.
+    """
+    if not _on_cpu(model):
+        return 0
+    swapped = 0
+    for module in model.modules():
+        if hasattr(module, "small_attention_keys"):
+            module.small_attention_keys = SMALL_ATTENTION_KEYS
+        if ONEDNN and _onednn_candidate(module):
+            if type(module) is nn.Linear:
+                module.__class__ = OneDNNLinear
+            module.linear_product = OneDNNProduct()
+            swapped += 1
+    return swapped
 
 
 def pack_weights(model: nn.Module, enabled: bool = True) -> int:
-    """Give every module with a ``packed`` slot (``Linear``, ``LoRALinear``) a prepacked weight, or drop them.
+    """Give every product ``use_cpu_kernels`` put on oneDNN a prepacked weight, or drop them.
 
     Costs one more copy of those weights in memory; only CPU inference (no grad) reads it.
-    Returns the number of modules changed.
+    Returns the number of products changed.
     """
     if enabled and not ONEDNN:
         return 0
-    modules = [m for m in model.modules() if hasattr(type(m), "packed")]
-    for module in modules:
-        module.packed = PackedWeight() if enabled else None
-        if enabled and module.weight.dtype in PACKABLE_DTYPES and module.weight.device.type == "cpu":
-            module.packed.get(module.weight)  # now, in one go, rather than at the first call
-    return len(modules)
+    layers = [m for m in model.modules() if isinstance(getattr(m, "linear_product", None), OneDNNProduct)]
+    for layer in layers:
+        product = layer.linear_product
+        product.packed = PackedWeight() if enabled else None
+        if enabled and layer.weight.dtype in PACKABLE_DTYPES and layer.weight.device.type == "cpu":
+            product.packed.get(layer.weight)  # now, in one go, rather than at the first call
+    return len(layers)

@@ -5,13 +5,11 @@ a training step (or a VAE encode) allocates and frees GBs of activations (and, i
 gradients), so every step faults them in again page by page. With every block on the heap and no
 trimming the memory is reused without a fault; the process's RSS then stays at its high-water mark,
 which a training loop reaches every step anyway. Same as running with MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=2147483647. Measured at the VoxCPM1.5 size on a 2-core VM: a LoRA step
-2.6 -> 2.1 s, a full fine-tuning step 6.0 -> 4.4 s at the same peak RSS (13.3 GiB) with fixed
-shapes, +2 % peak (14.7 vs 14.4 GiB) with batch shapes changing every step.
+MALLOC_TRIM_THRESHOLD_=2147483647. The training steps get faster at the same peak RSS with fixed
+shapes, and a slightly higher one with batch shapes changing every step (bench/train.py measures it).
 
-``keep_freed_memory`` switches for the rest of the process (training on CPU).
-``reusing_freed_memory`` switches for one block and hands the memory back afterwards: VAE encoding
-into the latent cache and VAE decoding in generation (2-3x faster on that VM).
+``reusing_freed_memory`` switches for one block and hands the memory back afterwards: a training run
+on CPU, VAE encoding into the latent cache and VAE decoding in generation.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from contextlib import contextmanager
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
 # where glibc's adaptive thresholds settle on 64-bit: mmap above 32 MiB, trim above twice that
 SETTLED_MMAP_THRESHOLD, SETTLED_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 32 * 2**20, 64 * 2**20, 65536
-_applied = False  # keep_freed_memory was called
 _depth = 0  # reusing_freed_memory blocks open
 _lock = threading.Lock()
 
@@ -41,39 +38,27 @@ def _libc():
     return libc
 
 
-def _reuse(libc) -> bool:
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def keep_freed_memory() -> bool:
-    """Switch glibc's malloc to reuse freed memory (process-wide, idempotent); False where there is no glibc."""
-    global _applied
-    libc = _libc()
-    if not _applied and libc is not None:
-        _applied = _reuse(libc)
-    return _applied
-
-
 @contextmanager
 def reusing_freed_memory(enabled: bool = True) -> Iterator[None]:
     """Reuse freed memory inside the block; when the outermost block ends, hand it back (``malloc_trim``) and
-    set glibc's thresholds to where its adaptive policy settles. A no-op when not ``enabled`` (e.g. on a GPU),
-    after ``keep_freed_memory`` or without glibc. Blocks may nest and overlap across threads."""
+    set glibc's thresholds to where its adaptive policy settles. A no-op when not ``enabled`` (e.g. on a GPU)
+    or without glibc. Blocks may nest and overlap across threads."""
     global _depth
-    libc = _libc() if enabled and not _applied else None
+    libc = _libc() if enabled else None
     if libc is None:
         yield
         return
     with _lock:
-        if _depth == 0:
-            _reuse(libc)
+        if _depth == 0:  # every block on the heap, never trimmed
+            libc.mallopt(M_MMAP_MAX, 0)
+            libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
         _depth += 1
     try:
         yield
     finally:
         with _lock:
             _depth -= 1
-            if _depth == 0 and not _applied:
+            if _depth == 0:
                 libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
                 libc.mallopt(M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD)
                 libc.mallopt(M_TRIM_THRESHOLD, SETTLED_TRIM_THRESHOLD)

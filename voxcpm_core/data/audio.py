@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import soundfile as sf
 import soxr
 
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.io.atomic import atomic_write
 
 WAV_FORMATS = frozenset({"WAV", "WAVEX", "RF64"})
 MAX_CHANNELS = 8  # more is a [channels, samples] array passed the wrong way round
@@ -87,17 +86,9 @@ def write_wav(path: str | os.PathLike, wav, sample_rate: int, subtype: str = "PC
         data = data.astype(np.float32, copy=False)
         if subtype == "PCM_16":
             data = np.clip(data, -1.0, 1.0)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(tmp, data, sample_rate, subtype=subtype, format="WAV")
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(exc, (sf.LibsndfileError, OSError)):
-            raise VoxCPMError(
-                f"{path}: cannot write audio ({exc}); check the folder exists and is writable"
-            ) from None
-        raise
-    return path
+        return atomic_write(path, lambda tmp: sf.write(tmp, data, sample_rate, subtype=subtype, format="WAV"))
+    except (sf.LibsndfileError, OSError) as exc:
+        raise VoxCPMError(
+            f"{path}: cannot write audio ({exc}); check the folder exists and is writable"
+        ) from None

@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from voxcpm_core.data.collate import TrainBatch, collate
 from voxcpm_core.data.latent_cache import LatentCache, ProgressFn, check_cache_dir
-from voxcpm_core.data.manifest import ManifestEntry, validate_manifest
+from voxcpm_core.data.manifest import ManifestEntry
+from voxcpm_core.data.tokenizer import sequence_length
+from voxcpm_core.data.validate import validate_manifest
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.training.config import TrainConfig, check_sample_rate
 
-make_batch = collate  # list of dataset items -> TrainBatch (the DataLoader collate_fn)
 SHOWN_BAD = 5  # bad samples quoted in an error message
 
 
@@ -43,8 +43,7 @@ class Sample:
 
     @property
     def length(self) -> int:
-        """Sequence positions: text, audio start, A patches, audio end."""
-        return len(self.text_ids) + 1 + self.num_patches + 1
+        return sequence_length(len(self.text_ids), self.num_patches)
 
 
 BAD, TOO_LONG = "bad", "too_long"  # why a sample was dropped
@@ -281,7 +280,8 @@ def _checked_entries(
         more = f"; ... and {len(first_error) - SHOWN_BAD} more" if len(first_error) > SHOWN_BAD else ""
         raise VoxCPMError(
             f"{manifest}: {len(first_error)} bad sample(s) in the {split} manifest: {shown}{more}; "
-            f"fix them (`voxcpm data validate {manifest}` lists all) or pass --skip-bad to drop them"
+            "fix them (validate_manifest lists them all) or set skip_bad to drop them",
+            param="skip_bad",
         )
     audio_of = {e.line: e.audio_raw for e in report.entries}
     dropped = [
@@ -305,8 +305,23 @@ def _samples(
     return samples
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """What the data side takes from a training config, as plain values (the config's schema lives above data/)."""
+
+    train_manifest: Path
+    val_manifest: Path | None  # None = no validation split
+    cache_dir: Path  # latent cache root
+    sample_rate: int  # the model's VAE rate, already checked against the config; clips are resampled to it
+    batch_size: int
+    max_batch_tokens: int  # 0 = no budget
+    grad_accum_steps: int  # only for the statistics (optimizer steps per epoch)
+    seed: int
+    source: str = "<config>"  # where the values come from, for error messages
+
+
 def prepare_training_data(
-    cfg: TrainConfig, loaded_model, progress: ProgressFn | None = None, skip_bad: bool = False
+    spec: DataSpec, loaded_model, progress: ProgressFn | None = None, skip_bad: bool = False
 ) -> PreparedData:
     """Check the manifests, fill the latent cache, tokenize, and plan batches.
 
@@ -314,17 +329,16 @@ def prepare_training_data(
     ``progress(done, total)`` follows the VAE encoding of clips missing from the cache. Under
     torch.distributed each rank encodes a share of the missing clips, then all ranks wait for each other.
     """
-    sample_rate = check_sample_rate(cfg, loaded_model.config)
-    splits = {"train": cfg.train_manifest} | ({"val": cfg.val_manifest} if cfg.val_manifest else {})
+    splits = {"train": spec.train_manifest} | ({"val": spec.val_manifest} if spec.val_manifest else {})
     entries: dict[str, list[ManifestEntry]] = {}
     dropped: list[DroppedSample] = []
     for split, manifest in splits.items():
-        entries[split], bad = _checked_entries(split, Path(manifest), sample_rate, skip_bad)
+        entries[split], bad = _checked_entries(split, Path(manifest), spec.sample_rate, skip_bad)
         dropped += bad
     if not entries["train"]:
-        raise VoxCPMError(f"{cfg.train_manifest}: no usable training samples left; fix the manifest")
+        raise VoxCPMError(f"{spec.train_manifest}: no usable training samples left; fix the manifest")
 
-    cache = LatentCache(check_cache_dir(cfg.cache_dir), loaded_model.vae, loaded_model.config.patch_size)
+    cache = LatentCache(check_cache_dir(spec.cache_dir), loaded_model.vae, loaded_model.config.patch_size)
     rank, world_size = _dist_rank_world()
     all_entries = entries["train"] + entries.get("val", [])
     encoded: list[int] = [0]
@@ -339,15 +353,15 @@ def prepare_training_data(
         torch.distributed.barrier()
     n_train = len(entries["train"])
     train = TrainDataset(
-        _samples(entries["train"], cache_entries[:n_train], loaded_model.tokenizer, sample_rate)
+        _samples(entries["train"], cache_entries[:n_train], loaded_model.tokenizer, spec.sample_rate)
     )
     val = None
     if "val" in entries:
         val = TrainDataset(
-            _samples(entries["val"], cache_entries[n_train:], loaded_model.tokenizer, sample_rate)
+            _samples(entries["val"], cache_entries[n_train:], loaded_model.tokenizer, spec.sample_rate)
         )
 
-    budget = cfg.max_batch_tokens
+    budget = spec.max_batch_tokens
     for split, dataset in (("train", train), ("val", val)):
         if dataset is None or not budget:
             continue
@@ -355,8 +369,10 @@ def prepare_training_data(
         if split == "train" and not any(fits):
             shortest = min(s.length for s in dataset.samples)
             raise VoxCPMError(
-                f"{cfg.source}: max_batch_tokens: {budget} is below every training sample "
-                f"(the shortest needs {shortest} positions); raise it, e.g. --set max_batch_tokens={8 * shortest}"
+                f"{spec.source}: max_batch_tokens: {budget} is below every training sample "
+                f"(the shortest needs {shortest} positions); raise it, e.g. max_batch_tokens: {8 * shortest}",
+                param="overrides",
+                value=f"max_batch_tokens={8 * shortest}",
             )
         dropped += [
             DroppedSample(
@@ -367,10 +383,10 @@ def prepare_training_data(
         ]
         dataset.samples = [s for s, ok in zip(dataset.samples, fits, strict=True) if ok]
 
-    sampler = BucketBatchSampler(train.lengths, cfg.batch_size, budget, cfg.seed, rank, world_size)
-    stats = _stats(train, val, dropped, sampler, cfg.grad_accum_steps, encoded[0])
+    sampler = BucketBatchSampler(train.lengths, spec.batch_size, budget, spec.seed, rank, world_size)
+    stats = _stats(train, val, dropped, sampler, spec.grad_accum_steps, encoded[0])
     warnings = [f"{d.split} manifest line {d.line} ({d.audio}): dropped, {d.reason}" for d in dropped]
-    return PreparedData(train, val, dropped, stats, cfg.batch_size, budget, cfg.seed, warnings)
+    return PreparedData(train, val, dropped, stats, spec.batch_size, budget, spec.seed, warnings)
 
 
 def _stats(

@@ -18,8 +18,11 @@ from voxcpm_core.errors import VoxCPMError
 SPACE = "\u2581"
 AUDIO_START = 101
 AUDIO_END = 102
-PROMPT_AUDIO_START = 103
-PROMPT_AUDIO_END = 104
+
+
+def sequence_length(text_tokens: int, audio_patches: int) -> int:
+    """Positions of one training sequence: the text, AUDIO_START, the audio patches, AUDIO_END."""
+    return text_tokens + 1 + audio_patches + 1
 
 
 def _is_cjk(text: str) -> bool:

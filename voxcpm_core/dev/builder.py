@@ -11,12 +11,11 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers
 from tokenizers.models import BPE
 
-from voxcpm_core.config import parse_model_config
 from voxcpm_core.data.tokenizer import SPACE
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.io.checkpoint import TOKENIZER_FILES, atomic_dir, read_config_dict, write_model_files
-from voxcpm_core.models.audio_vae import AudioVAE
-from voxcpm_core.models.voxcpm import VoxCPMModel
+from voxcpm_core.families import family_of, parse_config
+from voxcpm_core.io.atomic import atomic_dir
+from voxcpm_core.io.checkpoint import TOKENIZER_FILES, read_config_dict, write_model_files
 
 SPECIAL_TOKENS = {0: "<unk>", 1: "<s>", 2: "</s>"}
 AUDIO_TOKENS = {  # ids fixed by the model: 101..104 frame the audio, 105..112 reserved
@@ -179,15 +178,15 @@ def build_model_dir(
 
     The tokenizer files are copied from ``tokenizer_from``, or the tiny tokenizer is built.
     """
-    config = parse_model_config(config_dict, source="config")
+    config = parse_config(config_dict, source="config")
     if tokenizer_from is None and len(tiny_vocab()) > config.lm_config.vocab_size:
         raise VoxCPMError(
             f"lm_config.vocab_size {config.lm_config.vocab_size} is smaller than the tiny tokenizer's "
             f"{len(tiny_vocab())} tokens; raise it or pass tokenizer_from"
         )
     torch.manual_seed(seed)
-    model = VoxCPMModel(config)
-    vae = AudioVAE(config.audio_vae_config)
+    family = family_of(config)
+    model, vae = family.network(config), family.build_vae(config)
     with atomic_dir(Path(out_dir), overwrite) as tmp:
         tokenizer_dir = Path(tokenizer_from) if tokenizer_from is not None else build_tiny_tokenizer(tmp)
         write_model_files(tmp, model, vae, config_dict, tokenizer_dir)

@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 from voxcpm_core.data.audio import load_audio, write_wav
 from voxcpm_core.dev.builder import build_model_dir, tiny_config
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.io.atomic import atomic_dir
 
 log = logging.getLogger("voxcpm.demo")
 
@@ -85,19 +85,12 @@ def ensure_demo(root: str | os.PathLike) -> Demo:
         raise VoxCPMError(
             f"{root}: exists but is not a complete demo folder (no {MARKER}); remove it to rebuild the demo"
         )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        _build(tmp)
-        if root.exists():
-            root.rmdir()  # empty, checked above
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not marker.is_file():  # not another process finishing first: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(root) as tmp:
+            _build(tmp)
+    except VoxCPMError:
+        if not marker.is_file():  # not another process (a DDP rank) finishing first: a real failure
+            raise
     return _demo(root, json.loads(marker.read_text())["voice"])
 
 
@@ -132,21 +125,20 @@ def _build(folder: Path) -> str:
 
 def _espeak(text: str, lang: str) -> np.ndarray:
     """Speech for ``text`` from espeak-ng, mono float32 at the demo rate."""
-    out = Path(tempfile.gettempdir()) / f"voxcpm-demo-{uuid.uuid4().hex[:8]}.wav"
-    try:
-        subprocess.run(
-            [ESPEAK, "-v", lang, "-s", "160", "-w", str(out), text],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        return load_audio(out, SAMPLE_RATE)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        raise VoxCPMError(
-            f"espeak-ng failed for {text!r} ({exc}); reinstall espeak-ng or uninstall it to use synthetic clips"
-        ) from None
-    finally:
-        out.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="voxcpm-demo-") as scratch:
+        out = Path(scratch) / "speech.wav"
+        try:
+            subprocess.run(
+                [ESPEAK, "-v", lang, "-s", "160", "-w", str(out), text],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            return load_audio(out, SAMPLE_RATE)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            raise VoxCPMError(
+                f"espeak-ng failed for {text!r} ({exc}); reinstall espeak-ng or uninstall it to use synthetic clips"
+            ) from None
 
 
 def _vowels(text: str, lang: str, rng: np.random.Generator) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Many utterances with one model load, optionally under several LoRA adapters swapped in place.
 
     utterances = read_text_file("lines.txt")            # or read_batch_manifest("batch.jsonl")
-    tts = load_for_adapters(["runs/a/step_2000", "runs/b/step_2000"], model=None)  # base from lora_config.json
-    for done in render(tts, utterances, Path("out"), adapters=[...], seed=7):
+    adapters = [load_adapter("runs/a/step_2000"), load_adapter("runs/b/step_2000")]  # read and checked once
+    tts = VoxCPM.from_adapters(adapters)                 # the base their lora_config.json names
+    for done in render(tts, utterances, Path("out"), adapters, seed=7):
         print(done.path)                                  # out/a/0001.wav, out/a/0002.wav, out/b/0001.wav, ...
 
 Every utterance of a run uses the same seed, so the adapters' outputs can be compared side by side.
@@ -16,14 +17,17 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from voxcpm_core.adapters import adapter_problems, read_adapter, resolve_base_model
-from voxcpm_core.api import VoxCPM
+from voxcpm_core.adapters import Adapter
 from voxcpm_core.data.audio import write_wav
 from voxcpm_core.data.manifest import resolve_audio_path
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.generation.sampling import SamplingOptions, check_prompt_args
-from voxcpm_core.models.lora import LoRAConfig
+from voxcpm_core.generation.options import SamplingOptions
+from voxcpm_core.generation.sampling import check_prompt_args
+
+if TYPE_CHECKING:  # the API sits above generation: rendering only calls the loaded model it is given
+    from voxcpm_core.api import VoxCPM
 
 BATCH_KEYS = ("text", "prompt_audio", "prompt_text", "id")
 
@@ -156,66 +160,6 @@ def read_utterances(
     return [Utterance(_line_id(1, 1), text, *prompt, Path(output) if output is not None else None)]
 
 
-def _structure(config: LoRAConfig) -> tuple:
-    """What must match for adapters to share one LoRA structure (dropout does not matter at inference)."""
-    return (
-        config.r, config.alpha, config.enable_lm, config.enable_dit, config.enable_proj,
-        frozenset(config.target_modules_lm), frozenset(config.target_modules_dit), frozenset(config.target_proj_modules),
-    )  # fmt: skip
-
-
-def load_for_adapters(
-    adapters: Sequence[str | os.PathLike],
-    model: str | os.PathLike | None = None,
-    lora_config: LoRAConfig | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    optimize: bool | None = None,
-) -> VoxCPM:
-    """Load the model once for rendering under ``adapters`` (none: the plain model), the first one loaded.
-
-    ``model`` None means the adapters' ``base_model``. The LoRA structure is ``lora_config`` (e.g. a training
-    YAML's) else the first adapter's; every adapter must fit it (same rank, alpha and targets). All adapters
-    are read and checked before the model loads. ``optimize`` as in ``VoxCPM.from_pretrained``.
-    """
-    if not adapters:
-        if model is None:
-            raise VoxCPMError(
-                "no model given: pass --ckpt-dir (or --lora-ckpt with a base_model in its lora_config.json)"
-            )
-        return VoxCPM.from_pretrained(model, device=device, dtype=dtype, optimize=optimize)
-    read = [read_adapter(path, lora_config) for path in adapters]
-    for adapter in read:
-        problems = adapter_problems(adapter)
-        if problems:
-            raise VoxCPMError(f"{adapter.path}: {problems[0]}")
-    structures = [adapter.lora_config() for adapter in read]
-    for path, structure in zip(adapters[1:], structures[1:], strict=True):
-        if _structure(structure) != _structure(structures[0]):
-            first = structures[0]
-            raise VoxCPMError(
-                f"{path}: its LoRA structure (r={structure.r}, alpha={structure.alpha}) differs from {adapters[0]}'s "
-                f"(r={first.r}, alpha={first.alpha}) or targets other layers; adapters swapped in one run must share "
-                "rank, alpha and targets: render them in separate runs"
-            )
-    if model is None:
-        bases = [resolve_base_model(path) for path in adapters]
-        others = [
-            (path, base)
-            for path, base in zip(adapters, bases, strict=True)
-            if base.resolve() != bases[0].resolve()
-        ]
-        if others:
-            raise VoxCPMError(
-                f"{others[0][0]} names base model {others[0][1]} but {adapters[0]} names {bases[0]}; "
-                "pass the base model with --ckpt-dir"
-            )
-        model = bases[0]
-    return VoxCPM.from_pretrained(
-        model, lora_config=lora_config, lora_weights_path=adapters[0], device=device, dtype=dtype, optimize=optimize
-    )
-
-
 def adapter_folder_names(adapters: Sequence[str | os.PathLike]) -> list[str]:
     """One distinct output subfolder per adapter: its folder name, prefixed with parents while names clash."""
     parts = [Path(os.path.abspath(a)).parts for a in adapters]
@@ -230,7 +174,7 @@ def render(
     tts: VoxCPM,
     utterances: Sequence[Utterance],
     out_dir: str | os.PathLike,
-    adapters: Sequence[str | os.PathLike] = (),
+    adapters: Sequence[Adapter] = (),
     options: SamplingOptions | None = None,
     seed: int = 0,
 ) -> Iterator[Rendered]:
@@ -242,7 +186,8 @@ def render(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise VoxCPMError(f"{out_dir}: exists and is not a directory; choose an output directory")
-    folders = [out_dir / name for name in adapter_folder_names(adapters)] if len(adapters) > 1 else [out_dir]
+    names = adapter_folder_names([adapter.path for adapter in adapters]) if len(adapters) > 1 else [""]
+    folders = [out_dir / name for name in names]
     for adapter, folder in zip(adapters or [None], folders, strict=True):
         if adapter is not None:
             tts.load_lora(adapter)
@@ -260,5 +205,5 @@ def render(
             write_wav(path, result.wav, result.sample_rate)
             seconds = len(result.wav) / result.sample_rate
             yield Rendered(
-                Path(adapter) if adapter else None, utterance, path, seconds, elapsed, seed, result.tries
+                adapter.path if adapter else None, utterance, path, seconds, elapsed, seed, result.tries
             )

@@ -27,37 +27,12 @@ from voxcpm_core.cpu.memory import reusing_freed_memory
 from voxcpm_core.data.audio import load_audio
 from voxcpm_core.data.tokenizer import AUDIO_START, TextTokenizer
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.generation.options import SamplingOptions, max_patches
 from voxcpm_core.models.audio_vae import AudioVAE
 from voxcpm_core.models.kv_cache import KVCache
 from voxcpm_core.models.voxcpm import VoxCPMModel
 
 PROMPT_CONTEXT_PATCHES = 2  # last prompt patches decoded in front of the new ones (then cut off)
-MAX_PATCHES_PER_TOKEN, MAX_PATCHES_EXTRA = 6, 10  # max_len cap: tokens * 6 + 10
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """Knobs of one generation (the reference high-level API's names and defaults)."""
-
-    cfg_value: float = 2.0
-    inference_timesteps: int = 10
-    min_len: int = 2
-    max_len: int = 4096
-    retry_badcase: bool = True
-    retry_badcase_max_times: int = 3
-    retry_badcase_ratio_threshold: float = 6.0
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.inference_timesteps >= 1, f"inference_timesteps must be >= 1, got {self.inference_timesteps}"),
-            (self.min_len >= 0, f"min_len must be >= 0, got {self.min_len}"),
-            (self.max_len >= 1, f"max_len must be >= 1, got {self.max_len}"),
-            (self.retry_badcase_max_times >= 1, f"retry_badcase_max_times must be >= 1, got {self.retry_badcase_max_times}"),
-            (math.isfinite(self.cfg_value), f"cfg_value must be a finite number, got {self.cfg_value}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise VoxCPMError(f"generation option: {message}")
 
 
 @dataclass(frozen=True)
@@ -110,11 +85,6 @@ def new_seed() -> int:
     return secrets.randbelow(2**31)
 
 
-def max_patches(target_tokens: int, max_len: int) -> int:
-    """``max_len`` capped at int(target tokens * 6 + 10), as the reference does."""
-    return min(max_len, int(target_tokens * MAX_PATCHES_PER_TOKEN + MAX_PATCHES_EXTRA))
-
-
 def check_prompt_args(prompt_wav_path: str | os.PathLike | None, prompt_text: str | None) -> None:
     """A prompt needs both the recording and its transcript, and the recording must exist."""
     if (prompt_wav_path is None) != (prompt_text is None):
@@ -164,11 +134,12 @@ def prepare_inputs(tokenizer: TextTokenizer, text: str, prompt: Prompt | None, p
 
 
 def pack_for_cpu_generation(model: VoxCPMModel) -> int:
-    """Prepack (``linear.pack_weights``) the weights that CPU generation reads faster prepacked; returns how many.
+    """Prepack (``cpu.kernels.pack_weights``) the weights that CPU generation reads faster prepacked; returns
+    how many. Only the products ``cpu.kernels.use_cpu_kernels`` put on oneDNN can be packed.
 
     bfloat16: every linear. float32: the local encoder and the LocDiT only, which see several rows per
     call; a float32 LM decode step (one row) streams fastest from the plain weights, so packing the LMs
-    would cost ~1.9 GB at the VoxCPM1.5 size for a faster prefill only. Call again after changing dtype.
+    would double their memory for a faster prefill only. Call again after changing dtype.
     """
     pack_weights(model, enabled=False)
     if model.enc_to_lm_proj.weight.dtype == torch.bfloat16:
@@ -229,7 +200,7 @@ def decode_patches(vae: AudioVAE, patches: torch.Tensor) -> torch.Tensor:
     """patches [n, P, D] -> waveform [n * P * hop] float32 (VAE in float32)."""
     n, P, D = patches.shape
     latents = patches.float().permute(2, 0, 1).reshape(1, D, n * P)  # [1, D, n*P]
-    with torch.inference_mode(), reusing_freed_memory(latents.device.type == "cpu"):  # 2-3x faster on CPU
+    with torch.inference_mode(), reusing_freed_memory(latents.device.type == "cpu"):  # no page faults on CPU
         return vae.decode(latents)[0, 0]
 
 

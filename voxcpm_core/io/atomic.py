@@ -55,13 +55,17 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
     tmp.mkdir()
     try:
         yield tmp
-        if out_dir.exists():
+        if overwrite and out_dir.exists():
             old = _sibling(out_dir, "old")
             os.rename(out_dir, old)
             os.rename(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(tmp, out_dir)
+            try:
+                os.rename(tmp, out_dir)  # replaces an empty folder, fails on one filled meanwhile
+            except OSError:
+                check_output_dir(out_dir)  # another writer got there first: say so in one line
+                raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

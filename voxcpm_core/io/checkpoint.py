@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 import warnings
-from collections.abc import Collection, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +21,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from voxcpm_core.config import VoxCPMConfig, parse_model_config
+from voxcpm_core.config import VoxCPMConfig
 from voxcpm_core.cpu import capability
 from voxcpm_core.data.tokenizer import TextTokenizer
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.families import family_of, parse_config
+from voxcpm_core.io.atomic import atomic_dir
 from voxcpm_core.models.audio_vae import AudioVAE
 from voxcpm_core.models.lora import LoRAConfig, apply_lora, parse_lora_config
 from voxcpm_core.models.voxcpm import VoxCPMModel
@@ -76,8 +76,8 @@ def read_config_dict(model_dir: Path) -> dict:
 
 
 def read_model_config(model_dir: Path) -> VoxCPMConfig:
-    """Parse and validate ``<model_dir>/config.json``."""
-    return parse_model_config(read_config_dict(model_dir), source=str(Path(model_dir) / CONFIG_FILE))
+    """Parse and validate ``<model_dir>/config.json`` (by the config model of its architecture)."""
+    return parse_config(read_config_dict(model_dir), source=str(Path(model_dir) / CONFIG_FILE))
 
 
 def load_tokenizer(model_dir: Path) -> TextTokenizer:
@@ -179,7 +179,7 @@ def torch_dtype(name: torch.dtype | str) -> torch.dtype:
     resolved = name if isinstance(name, torch.dtype) else getattr(torch, str(name), None)
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise VoxCPMError(
-            f"dtype {name!r} is not a floating-point torch dtype; use float32, bfloat16 or float16"
+            f"dtype {name!r} is not a floating-point torch dtype; use float32, bfloat16 or float16", param="dtype"
         )
     return resolved
 
@@ -203,13 +203,15 @@ def resolve_device(device: torch.device | str) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as exc:
         raise VoxCPMError(
-            f"device {device!r} is not valid ({_first_line(exc)}); use auto, cpu, cuda or mps"
+            f"device {device!r} is not valid ({_first_line(exc)}); use auto, cpu, cuda or mps", param="device"
         ) from None
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(resolved.type)
     if available is not None and not available():
         raise VoxCPMError(
             f"device {str(device)!r} is not available here (torch {torch.__version__} sees no {resolved.type.upper()} "
-            "device); use --device cpu or --device auto"
+            "device); use device cpu or auto",
+            param="device",
+            value="cpu",
         )
     return resolved
 
@@ -218,7 +220,7 @@ def load_audio_vae(model_dir: Path, config: VoxCPMConfig, device: torch.device |
     """The model's audio VAE (``audiovae.pth`` or ``audiovae.safetensors``), float32, eval mode."""
     model_dir = _require_dir(model_dir, "model directory")
     path = _find_file(model_dir, VAE_FILES, "audio VAE weights")
-    vae = AudioVAE(config.audio_vae_config)
+    vae = family_of(config).build_vae(config)
     _load_exact(vae, load_state_dict_file(path), path)
     return vae.to(device=resolve_device(device), dtype=torch.float32).eval()
 
@@ -232,12 +234,12 @@ def load_model_dir(
     """Load a model directory; with ``lora`` the adapters are added first (only their keys may be missing)."""
     model_dir = _require_dir(model_dir, "model directory")
     config_dict = read_config_dict(model_dir)
-    config = parse_model_config(config_dict, source=str(model_dir / CONFIG_FILE))
+    config = parse_config(config_dict, source=str(model_dir / CONFIG_FILE))
     tokenizer = load_tokenizer(model_dir)
     weights_path = _find_file(model_dir, MODEL_FILES, "model weights")
     _find_file(model_dir, VAE_FILES, "audio VAE weights")  # fail before the (slow) model load
     device = resolve_device(device)
-    model = VoxCPMModel(config)
+    model = family_of(config).network(config)
     if lora is not None:
         apply_lora(model, lora)
     _load_exact(model, load_state_dict_file(weights_path), weights_path, may_miss=LORA_SUFFIXES)
@@ -247,35 +249,6 @@ def load_model_dir(
     model = model.to(device=device, dtype=resolved).eval()
     vae = load_audio_vae(model_dir, config, device)
     return LoadedModel(config, config_dict, model, vae, tokenizer, model_dir)
-
-
-def check_output_dir(out_dir: Path, overwrite: bool = False) -> None:
-    """An output directory must be new or empty unless ``overwrite`` (checked again by ``atomic_dir``)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (overwrite or (out_dir.is_dir() and not any(out_dir.iterdir()))):
-        raise VoxCPMError(f"{out_dir}: already exists; choose a new output directory or remove it first")
-
-
-@contextmanager
-def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``out_dir``, on failure it is deleted."""
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _cpu_tensors(
@@ -306,7 +279,7 @@ def write_model_files(
     folder, tokenizer_dir = Path(folder), Path(tokenizer_dir)
     if not (tokenizer_dir / TOKENIZER_FILES[0]).is_file():
         raise VoxCPMError(f"{tokenizer_dir}: no {TOKENIZER_FILES[0]} to copy into the model directory")
-    config = parse_model_config(config_dict, source="config")
+    config = parse_config(config_dict, source="config")
     dtype = dtype or torch_dtype(config.dtype)
     weights = {k: v for k, v in model.state_dict().items() if not k.endswith(LORA_SUFFIXES)}
     (folder / CONFIG_FILE).write_text(

@@ -9,24 +9,64 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from voxcpm_core.cpu.kernels import PackedWeight, linear
+from voxcpm_core.config import config_error
 from voxcpm_core.errors import VoxCPMError
 
-LM_STACKS = ("base_lm", "residual_lm")
-DIT_STACK = "feat_decoder.estimator"
 ATTENTION_PROJECTIONS = ["q_proj", "v_proj", "k_proj", "o_proj"]
 BRIDGE_PROJECTIONS = ["enc_to_lm_proj", "lm_to_dit_proj", "res_to_dit_proj"]
-COMPONENTS = ("base_lm", "residual_lm", "dit", "proj")  # where adapters can sit (``component_of``)
+
+
+@dataclass(frozen=True)
+class LoRAPart:
+    """A part of the model adapters can sit in (one row of an adapter's size report)."""
+
+    name: str  # how reports key it
+    prefix: str  # the module path its linears live under; "" for the model's top-level linears
+    label: str  # how people know it
+
+
+@dataclass(frozen=True)
+class LoRAGroup:
+    """Parts that one pair of ``LoRAConfig`` fields selects: the ``enable`` flag switches them on, the
+    ``targets`` list names the leaf linears (``q_proj``) that get an adapter in each of them."""
+
+    name: str  # how lora_config summaries key it
+    enable: str
+    targets: str
+    parts: tuple[LoRAPart, ...]
+
+    def enabled(self, cfg: LoRAConfig) -> bool:
+        return getattr(cfg, self.enable)
+
+    def leaves(self, cfg: LoRAConfig) -> list[str]:
+        return getattr(cfg, self.targets)
+
+
+# The one description of where LoRA can go, in report order: applying, inferring, checking, inspecting and
+# describing adapters all read it. A model family with other places adds rows or parts here, not branches
+# below (VoxCPM2's fusion_concat_proj is one more top-level linear: a "proj" place already, one more name).
+LORA_GROUPS = (
+    LoRAGroup("lm", "enable_lm", "target_modules_lm", (
+        LoRAPart("base_lm", "base_lm", "base_lm (LM)"),
+        LoRAPart("residual_lm", "residual_lm", "residual_lm (LM)"),
+    )),
+    LoRAGroup("dit", "enable_dit", "target_modules_dit", (LoRAPart("dit", "feat_decoder.estimator", "feat_decoder (DiT)"),)),
+    LoRAGroup("proj", "enable_proj", "target_proj_modules", (LoRAPart("proj", "", "projections"),)),
+)  # fmt: skip
+LORA_PARTS = {part.name: part for group in LORA_GROUPS for part in group.parts}
+ADAPTABLE = ", ".join(part.label for part in LORA_PARTS.values())  # for messages about other places
 
 
 class LoRAConfig(BaseModel):
-    """Which linears get an adapter and its size (the reference's fields and defaults)."""
+    """Which linears get an adapter and its size (the reference's fields and defaults; ``LORA_GROUPS``
+    says which parts of the model each enable flag and target list stands for)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -44,24 +84,28 @@ class LoRAConfig(BaseModel):
     def scaling(self) -> float:
         return self.alpha / self.r
 
+    def targets(self) -> dict[str, list[str]]:
+        """Each enabled group's leaf names, e.g. ``{"lm": ["q_proj", ...], "proj": [...]}``."""
+        return {group.name: list(group.leaves(self)) for group in LORA_GROUPS if group.enabled(self)}
+
+    def structure(self) -> tuple:
+        """What adapters must share to load into the same LoRA layers (dropout only matters in training)."""
+        return self.r, self.alpha, {name: sorted(set(leaves)) for name, leaves in self.targets().items()}
+
 
 def parse_lora_config(data: Mapping, source: str = "lora config") -> LoRAConfig:
     """Validate a LoRA config mapping; any problem is one ``VoxCPMError`` line naming the field."""
     try:
         return LoRAConfig.model_validate(dict(data))
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            known = ", ".join(LoRAConfig.model_fields)
-            raise VoxCPMError(f"{source}: unknown LoRA option {field!r}; known options: {known}") from None
-        raise VoxCPMError(f"{source}: invalid LoRA option {field!r}: {err['msg']}") from None
+        raise config_error(exc, source, LoRAConfig, what="LoRA option") from None
 
 
 class LoRALinear(nn.Module):
     """A linear layer with a low-rank update; takes over the ``weight``/``bias`` of the linear it wraps."""
 
-    packed: PackedWeight | None = None  # the base weight prepacked for CPU inference (linear.pack_weights)
+    # the product with the frozen weight, (x, weight, bias) -> x W^T + b; cpu.kernels.use_cpu_kernels swaps it
+    linear_product = staticmethod(F.linear)
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -86,7 +130,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         update = F.linear(F.linear(x, self.lora_A), self.lora_B)
-        return linear(x, self.weight, self.bias, self.packed) + self.lora_dropout(update) * self.scaling
+        return self.linear_product(x, self.weight, self.bias) + self.lora_dropout(update) * self.scaling
 
     def merged_weight(self) -> torch.Tensor:
         """W + scaling * B A, computed in float32, in the weight's dtype."""
@@ -110,14 +154,17 @@ def update_norm(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> f
     return abs(scaling) * float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt())
 
 
-def component_of(module: str) -> str | None:
-    """The part of the model an adapted linear belongs to: a COMPONENTS entry, or None for any other place."""
-    for stack in LM_STACKS:
-        if module.startswith(stack + "."):
-            return stack
-    if module.startswith(DIT_STACK + "."):
-        return "dit"
-    return "proj" if "." not in module else None
+def _within(name: str, prefix: str) -> bool:
+    return name.startswith(prefix + ".") if prefix else "." not in name
+
+
+def lora_place(module: str) -> tuple[LoRAGroup, LoRAPart] | None:
+    """The group and part of ``LORA_GROUPS`` an adapted linear (full module path) is in; None: elsewhere."""
+    for group in LORA_GROUPS:
+        for part in group.parts:
+            if _within(module, part.prefix):
+                return group, part
+    return None
 
 
 def split_adapter(
@@ -138,6 +185,11 @@ def split_adapter(
     return pairs, half, foreign
 
 
+def is_lora_pair(lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
+    """Whether the tensors are [r, in] and [out, r] with one r."""
+    return lora_A.dim() == 2 and lora_B.dim() == 2 and lora_A.shape[0] == lora_B.shape[1]
+
+
 def infer_lora_config(state_dict: Mapping[str, torch.Tensor], source: str) -> LoRAConfig:
     """The LoRA structure an adapter's tensors imply (rank, components, leaf names); alpha stays the default."""
     pairs, _, _ = split_adapter(state_dict)
@@ -148,46 +200,24 @@ def infer_lora_config(state_dict: Mapping[str, torch.Tensor], source: str) -> Lo
         raise VoxCPMError(
             f"{source}: mixes LoRA ranks {ranks}; add a lora_config.json or re-export the adapter"
         )
-    targets: dict[str, set[str]] = {"lm": set(), "dit": set(), "proj": set()}
+    leaves: dict[LoRAGroup, set[str]] = {group: set() for group in LORA_GROUPS}
     for module in pairs:
-        component = component_of(module)
-        if component is None:
-            raise VoxCPMError(
-                f"{source}: {module} is not in a part LoRA can adapt (base_lm, residual_lm, the DiT, projections)"
-            )
-        targets["lm" if component in LM_STACKS else component].add(module.rpartition(".")[2])
-    defaults = LoRAConfig()
-    return LoRAConfig(
-        enable_lm=bool(targets["lm"]),
-        enable_dit=bool(targets["dit"]),
-        enable_proj=bool(targets["proj"]),
-        r=ranks[0],
-        target_modules_lm=sorted(targets["lm"]) or defaults.target_modules_lm,
-        target_modules_dit=sorted(targets["dit"]) or defaults.target_modules_dit,
-        target_proj_modules=sorted(targets["proj"]) or defaults.target_proj_modules,
-    )
+        place = lora_place(module)
+        if place is None:
+            raise VoxCPMError(f"{source}: {module} is not in a part LoRA can adapt ({ADAPTABLE})")
+        leaves[place[0]].add(module.rpartition(".")[2])
+    fields = {}
+    for group, found in leaves.items():  # a group without tensors keeps its default targets, switched off
+        fields[group.enable] = bool(found)
+        if found:
+            fields[group.targets] = sorted(found)
+    return LoRAConfig(r=ranks[0], **fields)
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
-
-
-def _target_groups(cfg: LoRAConfig) -> list[tuple[str, tuple[str, ...], list[str]]]:
-    """(option name, module prefixes it covers, leaf names it targets) for each enabled component."""
-    groups = []
-    if cfg.enable_lm:
-        groups.append(("target_modules_lm", LM_STACKS, cfg.target_modules_lm))
-    if cfg.enable_dit:
-        groups.append(("target_modules_dit", (DIT_STACK,), cfg.target_modules_dit))
-    if cfg.enable_proj:
-        groups.append(("target_proj_modules", ("",), cfg.target_proj_modules))
-    return groups
-
-
-def _within(name: str, prefix: str) -> bool:
-    return name.startswith(prefix + ".") if prefix else "." not in name
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -201,15 +231,18 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         raise VoxCPMError("LoRA is already applied to this model; apply it once, before loading weights")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     wrapped: list[str] = []
-    for option, prefixes, targets in _target_groups(cfg):
-        for target in targets:
+    for group in LORA_GROUPS:
+        if not group.enabled(cfg):
+            continue
+        for target in group.leaves(cfg):
             names = [
-                n for n in linears if n.rpartition(".")[2] == target and any(_within(n, p) for p in prefixes)
-            ]
+                n for n in linears
+                if n.rpartition(".")[2] == target and any(_within(n, part.prefix) for part in group.parts)
+            ]  # fmt: skip
             if not names:
-                where = "/".join(p or "the top level" for p in prefixes)
+                where = "/".join(part.prefix or "the top level" for part in group.parts)
                 raise VoxCPMError(
-                    f"LoRA {option}: {target!r} matches no linear layer in {where}; check the name"
+                    f"LoRA {group.targets}: {target!r} matches no linear layer in {where}; check the name"
                 )
             wrapped += [n for n in names if n not in wrapped]
     for name in wrapped:
@@ -288,6 +321,11 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every adapter on (scaling alpha/r) or off (scaling 0) without touching its weights."""
     for _, module in lora_modules(model):
         module.set_enabled(enabled)
+
+
+def lora_is_enabled(model: nn.Module) -> bool:
+    """Whether the model has adapters and they are switched on (``set_lora_enabled``): a nonzero scaling."""
+    return any(bool(module.scaling) for _, module in lora_modules(model))
 
 
 def reset_lora(model: nn.Module) -> None:

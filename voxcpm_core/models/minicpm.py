@@ -14,7 +14,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from voxcpm_core.config import LMConfig
-from voxcpm_core.cpu.kernels import Linear
 from voxcpm_core.models.kv_cache import KVCache, LayerKVCache
 
 
@@ -80,9 +79,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
-SMALL_ATTENTION_KEYS = 128  # on CPU, up to this many keys attention runs as plain matmuls (small_attention)
-
-
 def causal_mask(T: int, S: int, device) -> torch.Tensor:
     """[T, S] bool: the queries are the last T of S positions, query i sees keys 0..S-T+i."""
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
@@ -92,9 +88,8 @@ def small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     """softmax(q k^T / sqrt(hd)) v over a few keys as batched matmuls, softmax in float32.
 
     q [B, nh, T, hd], k/v [B, nkv, S, hd], mask [T, S] bool (True = may attend) or None -> [B, nh, T, hd].
-    Grouped-query heads share their key/value head without copies. On CPU, forward+backward is faster
-    than SDPA's kernels up to ~128 keys: 1.2x (float32) to 17x (bfloat16) at the 9 positions of the DiT,
-    2.5x in bfloat16 at 64-128 LM positions; beyond, SDPA wins and keeps no [T, S] probabilities.
+    Grouped-query heads share their key/value head without copies. Over few keys this beats SDPA's CPU
+    kernels; ``voxcpm_core.cpu.kernels`` decides up to how many (``Attention.small_attention_keys``).
     """
     B, nh, T, hd = q.shape
     nkv, S = k.shape[1], k.shape[2]
@@ -106,6 +101,9 @@ def small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 
 class Attention(nn.Module):
+    # up to this many keys attention runs as small_attention; 0: always SDPA (set by cpu.kernels.use_cpu_kernels)
+    small_attention_keys: int = 0
+
     def __init__(self, config: LMConfig, causal: bool):
         super().__init__()
         self.causal = causal
@@ -115,10 +113,10 @@ class Attention(nn.Module):
             config.head_dim,
         )
         hidden = config.hidden_size
-        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
     def forward(
         self,
@@ -142,7 +140,7 @@ class Attention(nn.Module):
             k, v = cache.update(start_pos, k, v)  # [B, nkv, start_pos+L, hd]
         S = k.shape[2]
         causal = self.causal and T > 1
-        if S <= SMALL_ATTENTION_KEYS and x.device.type == "cpu":
+        if S <= self.small_attention_keys:
             out = small_attention(q, k, v, causal_mask(T, S, x.device) if causal else None)
         elif causal and S == T:  # SDPA's own causal path, no mask tensor
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -155,9 +153,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden: int, ffn: int):
         super().__init__()
-        self.gate_proj = Linear(hidden, ffn, bias=False)
-        self.up_proj = Linear(hidden, ffn, bias=False)
-        self.down_proj = Linear(ffn, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, ffn, bias=False)
+        self.up_proj = nn.Linear(hidden, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxcpm_core.config import VoxCPMConfig
-from voxcpm_core.data.collate import TrainBatch
+from voxcpm_core.models.batch import TrainBatch
 from voxcpm_core.models.flow_matching import FlowDraws, UnifiedCFM
 from voxcpm_core.models.fsq import ScalarQuantizer
 from voxcpm_core.models.kv_cache import KVCache
@@ -70,7 +70,7 @@ class VoxCPMModel(nn.Module):
         return self.enc_to_lm_proj.weight.dtype
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute every transformer layer's activations in backward: less memory, ~1/3 more compute."""
+        """Recompute every transformer layer's activations in backward: less memory, one more forward pass."""
         for module in self.modules():
             if isinstance(module, MiniCPMModel):
                 module.gradient_checkpointing = enabled

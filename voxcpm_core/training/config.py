@@ -15,17 +15,15 @@ validates. Rules a user can rely on:
 
 from __future__ import annotations
 
-import difflib
 import os
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from voxcpm_core.config import VoxCPMConfig
+from voxcpm_core.config import VoxCPMConfig, config_error, config_keys, nested_model, unknown_key_error
+from voxcpm_core.data.pipeline import DataSpec
 from voxcpm_core.errors import VoxCPMError
 from voxcpm_core.models.lora import LoRAConfig
 
@@ -141,8 +139,23 @@ def check_sample_rate(cfg: TrainConfig, model_config: VoxCPMConfig) -> int:
     return model_rate
 
 
+def data_spec(cfg: TrainConfig, model_config: VoxCPMConfig) -> DataSpec:
+    """What ``prepare_training_data`` takes from ``cfg``, at the model's rate (``check_sample_rate``)."""
+    return DataSpec(
+        train_manifest=cfg.train_manifest,
+        val_manifest=cfg.val_manifest,
+        cache_dir=cfg.cache_dir,
+        sample_rate=check_sample_rate(cfg, model_config),
+        batch_size=cfg.batch_size,
+        max_batch_tokens=cfg.max_batch_tokens,
+        grad_accum_steps=cfg.grad_accum_steps,
+        seed=cfg.seed,
+        source=cfg.source,
+    )
+
+
 def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a training YAML, apply ``--set KEY=VALUE`` overrides, validate; errors are one line."""
+    """Read a training YAML, apply ``overrides`` (``KEY=VALUE``: the CLI's ``--set``), validate; errors are one line."""
     path = Path(path)
     source = str(path)
     if not path.is_file():
@@ -167,7 +180,9 @@ def load_train_config(path: str | os.PathLike, overrides: list[str] | None = Non
     try:
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        raise VoxCPMError(f"{source}: {_describe(exc)}") from None
+        raise config_error(
+            exc, source, TrainConfig, fix="set '{key}: ...' in the YAML or override {key}=...", param="overrides"
+        ) from None
     cfg._source = source
     if cfg.demo is not None:
         from voxcpm_core.dev.demo import ensure_demo  # builds a model: only when the config asks for it
@@ -176,37 +191,12 @@ def load_train_config(path: str | os.PathLike, overrides: list[str] | None = Non
     return cfg
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside ``annotation`` (``M`` or ``M | None``), if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            found = _model_of(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _keys_of(model: type[BaseModel]) -> dict[str, Any]:
-    """YAML key -> field annotation (aliases are the YAML names)."""
-    return {(f.alias or name): f.annotation for name, f in model.model_fields.items()}
-
-
-def _unknown_key(key_path: list[str], known: dict[str, Any], source: str) -> VoxCPMError:
-    dotted = ".".join(key_path)
-    close = difflib.get_close_matches(str(key_path[-1]), list(known), n=1, cutoff=0.6)
-    prefix = ".".join(key_path[:-1] + [""])
-    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(known)}"
-    return VoxCPMError(f"{source}: unknown key '{dotted}'; {hint}")
-
-
 def _check_keys(data: dict, model: type[BaseModel], where: list[str], source: str) -> None:
-    known = _keys_of(model)
+    known = config_keys(model)
     for key, value in data.items():
         if key not in known:
-            raise _unknown_key([*where, str(key)], known, source)
-        sub = _model_of(known[key])
+            raise unknown_key_error(source, [*where, str(key)], known)
+        sub = nested_model(known[key])
         if sub is not None and isinstance(value, dict):
             _check_keys(value, sub, [*where, key], source)
 
@@ -219,24 +209,30 @@ def _resolve_paths(raw: dict, base: Path, keys: tuple[str, ...] = PATH_KEYS) -> 
             raw[key] = str((base / Path(value).expanduser()).resolve())
 
 
+def _override_error(item: str, problem: str) -> VoxCPMError:
+    return VoxCPMError(f"override {item!r}: {problem}", param="overrides")
+
+
 def _apply_override(raw: dict, item: str) -> None:
     """``lora.r=16``: value parsed as a YAML scalar; unknown keys are did-you-mean errors."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise VoxCPMError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lora.r=16 or --set batch_size=8")
+        raise _override_error(item, "expected KEY=VALUE, e.g. lora.r=16 or batch_size=8")
     key_path = key.split(".")
     model: type[BaseModel] | None = TrainConfig
     for depth, part in enumerate(key_path):
         if model is None:
-            raise VoxCPMError(f"--set {item!r}: '{'.'.join(key_path[:depth])}' has no sub-keys")
-        known = _keys_of(model)
+            raise _override_error(item, f"'{'.'.join(key_path[:depth])}' has no sub-keys")
+        known = config_keys(model)
         if part not in known:
-            raise _unknown_key(key_path[: depth + 1], known, f"--set {item}")
-        model = _model_of(known[part])
+            error = unknown_key_error(f"override {item}", key_path[: depth + 1], known)
+            error.param = "overrides"
+            raise error
+        model = nested_model(known[part])
     if model is not None:
-        raise VoxCPMError(
-            f"--set {item!r}: '{key}' is a section; set one of its keys, e.g. {key}.{next(iter(_keys_of(model)))}=..."
+        raise _override_error(
+            item, f"'{key}' is a section; set one of its keys, e.g. {key}.{next(iter(config_keys(model)))}=..."
         )
     try:
         value = yaml.safe_load(text) if text.strip() else ""
@@ -250,16 +246,3 @@ def _apply_override(raw: dict, item: str) -> None:
     node[key_path[-1]] = value
     if key in PATH_KEYS:
         _resolve_paths(node, Path.cwd(), keys=(key,))
-
-
-def _describe(exc: ValidationError) -> str:
-    """The first validation error as 'key: what is wrong (got X); how to fix'."""
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "missing":
-        return f"{where}: missing; add '{where}: ...' to the YAML or pass --set {where}=..."
-    if err["type"] == "value_error":
-        return msg if where == "" else f"{where}: {msg}"
-    got = err.get("input")
-    return f"{where}: {msg} (got {got!r}); fix it in the YAML or with --set {where}=..."

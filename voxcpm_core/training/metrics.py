@@ -7,11 +7,12 @@ dropped so a resumed run's history reads like an uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
+
+from voxcpm_core.io.atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -61,9 +62,7 @@ def _truncate_after(path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by a kill
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
 
 
 def read_metrics(save_path: Path) -> list[dict]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import re
 import shutil
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from voxcpm_core.errors import VoxCPMError
-from voxcpm_core.io.checkpoint import atomic_dir
+from voxcpm_core.io.atomic import atomic_dir, atomic_write_text
 
 LATEST_FILE = "latest"
 TRAINING_STATE_FILE = "training_state.json"
@@ -63,9 +62,7 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         (tmp / TRAINING_STATE_FILE).write_text(json.dumps({"step": step, **training_state}), encoding="utf-8")
-    latest_tmp = save_path / f".{LATEST_FILE}.tmp"
-    latest_tmp.write_text(final.name + "\n", encoding="utf-8")
-    os.replace(latest_tmp, save_path / LATEST_FILE)
+    atomic_write_text(save_path / LATEST_FILE, final.name + "\n")
     if keep_last_n:
         for old in complete_checkpoints(save_path)[:-keep_last_n]:
             if old != final:
