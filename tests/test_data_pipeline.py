@@ -18,7 +18,8 @@ from conftest import official_dir
 from voxcpm_core.data import latent_cache
 from voxcpm_core.data.audio import load_audio
 from voxcpm_core.data.latent_cache import LatentCache
-from voxcpm_core.data.pipeline import TOO_LONG, BucketBatchSampler, prepare_training_data
+from voxcpm_core.data.pipeline import TOO_LONG, prepare_training_data
+from voxcpm_core.data.sampler import BucketBatchSampler
 from voxcpm_core.errors import VoxCPMError
 from voxcpm_core.io.checkpoint import load_audio_vae, load_tokenizer, read_model_config
 from voxcpm_core.training.config import data_spec, load_train_config
