@@ -111,19 +111,54 @@ class DiTConfig(LocalStackConfig):
     cfm_config: CFMConfig = Field(default_factory=CFMConfig)
 
 
-class AudioVAEConfig(_Config):
+class _AudioVAEFields(_Config):
+    """What both VAE generations share; their decoders and default sizes differ."""
+
     encoder_dim: int = Field(default=128, gt=0)
     encoder_rates: list[int] = Field(default_factory=lambda: [2, 5, 8, 8], min_length=1)
     latent_dim: int = Field(default=64, gt=0)
     decoder_dim: int = Field(default=1536, gt=0)
     decoder_rates: list[int] = Field(default_factory=lambda: [8, 8, 5, 2], min_length=1)
     depthwise: bool = True
-    sample_rate: int = Field(default=16000, gt=0)
+    sample_rate: int = Field(default=16000, gt=0)  # the ENCODER's input rate
     use_noise_block: bool = False
 
     @property
     def hop_length(self) -> int:
+        """Encoder input samples per latent frame."""
         return math.prod(self.encoder_rates)
+
+    @property
+    def decode_hop_length(self) -> int:
+        """Decoder output samples per latent frame."""
+        return math.prod(self.decoder_rates)
+
+
+class AudioVAEConfig(_AudioVAEFields):
+    """AudioVAE V1 (VoxCPM-0.5B, VoxCPM1.5): one rate in and out."""
+
+    @property
+    def out_sample_rate(self) -> int:
+        return self.sample_rate
+
+
+class AudioVAEConfigV2(_AudioVAEFields):
+    """AudioVAE V2 (VoxCPM2): encodes at ``sample_rate``, decodes at ``out_sample_rate`` under a sample-rate
+    condition (per-channel scale and bias before each decoder block, one row per rate bucket)."""
+
+    decoder_dim: int = Field(default=2048, gt=0)
+    decoder_rates: list[int] = Field(default_factory=lambda: [8, 6, 5, 2, 2, 2], min_length=1)
+    out_sample_rate: int = Field(default=48000, gt=0)
+    sr_bin_boundaries: list[int] | None = Field(default_factory=lambda: [20000, 30000, 40000])
+    cond_type: Literal["scale_bias", "scale_bias_init", "add", "concat"] = "scale_bias"
+    cond_dim: int = Field(default=128, gt=0)
+    cond_out_layer: bool = False
+
+    @model_validator(mode="after")
+    def _check_cond(self) -> AudioVAEConfigV2:
+        if self.cond_type == "concat" and not self.cond_out_layer and self.sr_bin_boundaries is not None:
+            raise ValueError("cond_type 'concat' needs cond_out_layer: true (it maps the widened channels back)")
+        return self
 
 
 class VoxCPMConfig(_Config):
@@ -146,11 +181,6 @@ class VoxCPMConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> VoxCPMConfig:
-        if self.architecture != "voxcpm":
-            raise ValueError(
-                f"architecture is {self.architecture!r}; this toolkit supports 'voxcpm' "
-                "(VoxCPM-0.5B and VoxCPM1.5) only"
-            )
         if self.audio_vae_config.latent_dim != self.feat_dim:
             raise ValueError(
                 f"feat_dim ({self.feat_dim}) must equal audio_vae_config.latent_dim "
@@ -194,7 +224,13 @@ class VoxCPMConfig(_Config):
 
     @property
     def sample_rate(self) -> int:
+        """The rate audio is read at (the VAE encoder's)."""
         return self.audio_vae_config.sample_rate
+
+    @property
+    def out_sample_rate(self) -> int:
+        """The rate of generated audio (the VAE decoder's)."""
+        return self.audio_vae_config.out_sample_rate
 
     @property
     def hop_length(self) -> int:
@@ -202,16 +238,51 @@ class VoxCPMConfig(_Config):
 
     @property
     def patch_samples(self) -> int:
-        """Waveform samples per LM token (one patch of ``patch_size`` latent frames)."""
+        """Input waveform samples per LM token (one patch of ``patch_size`` latent frames)."""
         return self.hop_length * self.patch_size
+
+    @property
+    def out_patch_samples(self) -> int:
+        """Generated waveform samples per LM token."""
+        return self.audio_vae_config.decode_hop_length * self.patch_size
+
+
+class DiTConfigV2(DiTConfig):
+    dit_mean_mode: bool = False  # read here in V2; the release's "mean_mode" is not a field and is ignored
+
+
+class VoxCPM2Config(VoxCPMConfig):
+    """``config.json`` of a VoxCPM2 directory: V1's keys with other defaults, a residual LM that may drop
+    RoPE, the mean mode inside ``dit_config`` and the V2 audio VAE."""
+
+    architecture: str = "voxcpm2"
+    patch_size: int = Field(default=4, gt=0)
+    residual_lm_num_layers: int = Field(default=8, ge=0)
+    scalar_quantization_latent_dim: int = Field(default=512, gt=0)
+    max_length: int = Field(default=8192, gt=0)
+    residual_lm_no_rope: bool = False
+    dit_config: DiTConfigV2
+    audio_vae_config: AudioVAEConfigV2 = Field(default_factory=AudioVAEConfigV2)
+
+    @property
+    def residual_lm_config(self) -> LMConfig:
+        return super().residual_lm_config.model_copy(update=dict(no_rope=self.residual_lm_no_rope))
+
+
+def _parse(model: type[VoxCPMConfig], data: dict, source: str) -> VoxCPMConfig:
+    """Validate a config dict; any problem becomes one ``VoxCPMError`` line naming the key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(exc, source, model, what="model config key") from None
 
 
 def parse_model_config(data: dict, source: str = "config.json") -> VoxCPMConfig:
-    """Validate a config dict; any problem becomes one ``VoxCPMError`` line naming the key."""
-    try:
-        return VoxCPMConfig.model_validate(data)
-    except ValidationError as exc:
-        raise config_error(exc, source, VoxCPMConfig, what="model config key") from None
+    return _parse(VoxCPMConfig, data, source)
+
+
+def parse_model2_config(data: dict, source: str = "config.json") -> VoxCPM2Config:
+    return _parse(VoxCPM2Config, data, source)
 
 
 # ---------------------------------------------------------------------------------------------- errors

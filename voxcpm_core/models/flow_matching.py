@@ -60,7 +60,7 @@ class UnifiedCFM(nn.Module):
     def frame_errors(
         self,
         x1: torch.Tensor,  # [N, D, P] target patches
-        mu: torch.Tensor,  # [N, H_dit]
+        mu: torch.Tensor,  # [N, H_mu] (H_dit, or 2 H_dit for VoxCPM2)
         cond: torch.Tensor,  # [N, D, P] previous patches
         draws: FlowDraws,
     ) -> torch.Tensor:
@@ -75,7 +75,7 @@ class UnifiedCFM(nn.Module):
     @torch.no_grad()
     def sample(
         self,
-        mu: torch.Tensor,  # [N, H_dit]
+        mu: torch.Tensor,  # [N, H_mu] (H_dit, or 2 H_dit for VoxCPM2)
         cond: torch.Tensor,  # [N, D, P] previous patch
         n_timesteps: int,
         cfg_value: float,
@@ -94,16 +94,16 @@ class UnifiedCFM(nn.Module):
         zero_init_steps = max(1, int((n_timesteps + 1) * 0.04))
         steps = range(zero_init_steps + 1, n_timesteps + 1)  # CFG-zero-star: the first step(s) keep x
         times = t_span[[s - 1 for s in steps]]  # [S]
-        first = dit.time_embedding(times, torch.zeros_like(times))  # [S, H_dit]
-        mu_in = torch.cat([mu, torch.zeros_like(mu)])  # [2N, H_dit]: conditional rows, then unconditional
-        first = mu_in[None] + first[:, None]  # [S, 2N, H_dit]
+        time = dit.time_embedding(times, torch.zeros_like(times))  # [S, H_dit]
+        mu_in = torch.cat([mu, torch.zeros_like(mu)])  # [2N, H_mu]: conditional rows, then unconditional
+        prefix = dit.prefix_tokens(mu_in[None], time[:, None])  # [S, 2N, k, H_dit]
         cond_tokens = dit.embed_cond(torch.cat([cond, cond]))  # [2N, P', H_dit]
         x = noise
         x_in = torch.empty((2 * N, *noise.shape[1:]), device=noise.device, dtype=noise.dtype)  # [2N, D, P]
         for i, step in enumerate(steps):
             x_in[:N] = x
             x_in[N:] = x
-            v_cond, v_uncond = dit.velocity(x_in, first[i], cond_tokens).chunk(2)
+            v_cond, v_uncond = dit.velocity(x_in, prefix[i], cond_tokens).chunk(2)
             # optimal scale s* projecting the conditional onto the unconditional velocity, per sample
             dot = (v_cond.reshape(N, -1) * v_uncond.reshape(N, -1)).sum(1)
             s_star = (dot / (v_uncond.reshape(N, -1).pow(2).sum(1) + 1e-8)).view(N, 1, 1)

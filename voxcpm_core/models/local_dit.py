@@ -46,19 +46,24 @@ class LocalDiT(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [N, D, P] noisy patch
-        mu: torch.Tensor,  # [N, H_dit] condition from the LMs
+        mu: torch.Tensor,  # [N, H_mu] condition from the LMs
         t: torch.Tensor,  # [N]
         cond: torch.Tensor,  # [N, D, P'] previous patch
         dt: torch.Tensor,  # [N] (always 0 outside mean mode)
     ) -> torch.Tensor:
         """-> velocity [N, D, P]."""
-        return self.velocity(x, mu + self.time_embedding(t, dt), self.embed_cond(cond))
+        return self.velocity(x, self.prefix_tokens(mu, self.time_embedding(t, dt)), self.embed_cond(cond))
 
     def time_embedding(self, t: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-        """t, dt [N] -> [N, H_dit], added to mu to make the first token."""
+        """t, dt [N] -> [N, H_dit]."""
         dtype = self.in_proj.weight.dtype
         tt = self.time_mlp(timestep_embedding(t, self.hidden).to(dtype))
         return tt + self.delta_time_mlp(timestep_embedding(dt, self.hidden).to(dtype))
+
+    def prefix_tokens(self, mu: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """mu [..., H_dit] and the time embedding [..., H_dit] (broadcastable) -> the tokens before the
+        condition, [..., 1, H_dit]: one token, their sum."""
+        return (mu + time)[..., None, :]
 
     def embed_cond(self, cond: torch.Tensor) -> torch.Tensor:
         """Previous patch [N, D, P'] -> its tokens [N, P', H_dit]."""
@@ -67,14 +72,27 @@ class LocalDiT(nn.Module):
     def velocity(
         self,
         x: torch.Tensor,  # [N, D, P] noisy patch
-        first: torch.Tensor,  # [N, H_dit] mu + time embedding
+        prefix: torch.Tensor,  # [N, k, H_dit] from prefix_tokens
         cond_tokens: torch.Tensor,  # [N, P', H_dit] from embed_cond
     ) -> torch.Tensor:
-        """The transformer over [first, cond tokens, x tokens] -> velocity [N, D, P] at the x positions.
+        """The transformer over [prefix, cond tokens, x tokens] -> velocity [N, D, P] at the x positions.
 
-        The sampler calls this directly with ``first`` and ``cond_tokens`` computed once per patch.
+        The sampler calls this directly with ``prefix`` and ``cond_tokens`` computed once per patch.
         """
         x = self.in_proj(x.transpose(1, 2))  # [N, P, H_dit]
-        seq = torch.cat([first[:, None], cond_tokens, x], dim=1)  # [N, 1+P'+P, H_dit]
-        out = self.decoder(seq, outputs=slice(1 + cond_tokens.shape[1], None))  # [N, P, H_dit]
+        seq = torch.cat([prefix, cond_tokens, x], dim=1)  # [N, k+P'+P, H_dit]
+        out = self.decoder(seq, outputs=slice(prefix.shape[1] + cond_tokens.shape[1], None))  # [N, P, H_dit]
         return self.out_proj(out).transpose(1, 2)  # [N, D, P]
+
+
+class LocalDiTV2(LocalDiT):
+    """VoxCPM2's LocDiT: mu (the LM and residual-LM projections side by side, [..., 2 H_dit]) enters as two
+    tokens of its own, followed by the time token: [mu_lm, mu_res, time, cond..., x...]."""
+
+    def prefix_tokens(self, mu: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """mu [..., 2 H_dit], time [..., H_dit] (broadcastable) -> [..., 3, H_dit]."""
+        mu_tokens = mu.unflatten(-1, (-1, self.hidden))  # [..., 2, H_dit]
+        batch = torch.broadcast_shapes(mu_tokens.shape[:-2], time.shape[:-1])
+        return torch.cat(
+            [mu_tokens.expand(*batch, *mu_tokens.shape[-2:]), time[..., None, :].expand(*batch, 1, self.hidden)], dim=-2
+        )

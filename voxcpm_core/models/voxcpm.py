@@ -45,6 +45,8 @@ def masked_means(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
 
 
 class VoxCPMModel(nn.Module):
+    dit_class: type[LocalDiT] = LocalDiT
+
     def __init__(self, config: VoxCPMConfig):
         super().__init__()
         self.config = config
@@ -54,7 +56,7 @@ class VoxCPMModel(nn.Module):
         self.residual_lm = MiniCPMModel(config.residual_lm_config, causal=True)
         self.feat_encoder = LocalEncoder(config.encoder_lm_config, config.feat_dim)
         self.feat_decoder = UnifiedCFM(
-            LocalDiT(config.dit_lm_config, config.feat_dim), config.dit_config.cfm_config
+            self.dit_class(config.dit_lm_config, config.feat_dim), config.dit_config.cfm_config
         )
         self.fsq_layer = ScalarQuantizer(
             hidden, config.scalar_quantization_latent_dim, config.scalar_quantization_scale
@@ -94,6 +96,10 @@ class VoxCPMModel(nn.Module):
         """mu [..., H_dit] for the LocDiT from the (previous position's) base and residual LM outputs."""
         return self.lm_to_dit_proj(lm_h) + self.res_to_dit_proj(res_h)
 
+    def residual_input(self, lm_h: torch.Tensor, e_feat: torch.Tensor) -> torch.Tensor:
+        """The residual LM's input from lm_h and the (audio-masked) patch embeddings, each [..., H]: their sum."""
+        return lm_h + e_feat
+
     def encode_sequence(
         self,
         text_tokens: torch.Tensor,  # [B, T] long
@@ -117,7 +123,7 @@ class VoxCPMModel(nn.Module):
         x = tm * self.embed_text(text_tokens) + am * e_feat
         h = self.base_lm(x, base_cache)
         lm_h = self.fsq_layer(h) * am + h * tm
-        res_h = self.residual_lm(lm_h + am * e_feat, residual_cache)
+        res_h = self.residual_lm(self.residual_input(lm_h, am * e_feat), residual_cache)
         return lm_h, res_h
 
     def decode_step(
@@ -125,7 +131,7 @@ class VoxCPMModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One generated patch's embedding e [B, 1, H] (from encode_patches) at start_pos -> (lm_h, res_h) [B, 1, H]."""
         lm_h = self.fsq_layer(self.base_lm(e, base_cache, start_pos))
-        return lm_h, self.residual_lm(lm_h + e, residual_cache, start_pos)
+        return lm_h, self.residual_lm(self.residual_input(lm_h, e), residual_cache, start_pos)
 
     # ---- training ------------------------------------------------------------------------------
 
