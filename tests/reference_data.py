@@ -27,9 +27,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTO
     assert err <= rtol * max(scale, 1e-12), f"max abs error {err:.3g} vs reference scale {scale:.3g}"
 
 
-def reference_batch(ref: dict) -> TrainBatch:
-    """The official packer's batch (``train.batch.*``)."""
-    get = lambda name: ref[f"train.batch.{name}"]  # noqa: E731
+def reference_batch(ref: dict, prefix: str = "train") -> TrainBatch:
+    """The official packer's batch (``{prefix}.batch.*``: ``train`` in V1 fixtures, ``train.plain`` ... in V2)."""
+    get = lambda name: ref[f"{prefix}.batch.{name}"]  # noqa: E731
     return TrainBatch(
         text_tokens=get("text_tokens").long(),
         text_mask=get("text_mask").float(),
@@ -41,6 +41,7 @@ def reference_batch(ref: dict) -> TrainBatch:
     )
 
 
-def reference_draws(ref: dict) -> FlowDraws:
-    """The flow-matching draws of the reference training step (``train.rng.*``)."""
-    return FlowDraws(cfg_keep=ref["train.rng.cfg_mask"].bool(), t=ref["train.rng.t"], z=ref["train.rng.z"])
+def reference_draws(ref: dict, prefix: str = "train") -> FlowDraws:
+    """The flow-matching draws of the reference training step (``{prefix}.rng.*``)."""
+    get = lambda name: ref[f"{prefix}.rng.{name}"]  # noqa: E731
+    return FlowDraws(cfg_keep=get("cfg_mask").bool(), t=get("t"), z=get("z"))
