@@ -85,9 +85,9 @@ def test_building_and_loading_go_through_the_family_registry(tmp_path, monkeypat
     monkeypatch.setitem(FAMILIES, "voxcpm", dataclasses.replace(FAMILIES["voxcpm"], network=Recorded))
     out = build_model_dir(tmp_path / "m", tiny_config())
     assert type(load_model_dir(out).model) is Recorded and built == ["voxcpm", "voxcpm"]
-    with pytest.raises(VoxCPMError, match=r"^config: unknown architecture 'voxcpm2'; known architectures: voxcpm;"):
-        build_model_dir(tmp_path / "v2", tiny_config() | {"architecture": "voxcpm2"})
-    assert not (tmp_path / "v2").exists()
+    with pytest.raises(VoxCPMError, match=r"^config: unknown architecture 'voxcpm3'; known architectures: voxcpm, voxcpm2;"):
+        build_model_dir(tmp_path / "v3", tiny_config() | {"architecture": "voxcpm3"})
+    assert not (tmp_path / "v3").exists()
 
 
 def test_the_voxcpm_entry_names_its_batch_collate_and_generation_modes():

@@ -21,6 +21,7 @@ from torch import nn
 
 from voxcpm_core.config import VoxCPMConfig
 from voxcpm_core.errors import VoxCPMError
+from voxcpm_core.families import family_of
 from voxcpm_core.io.atomic import check_output_dir
 from voxcpm_core.io.checkpoint import (
     LORA_CONFIG_FILE,
@@ -45,7 +46,6 @@ from voxcpm_core.models.lora import (
     parse_lora_config,
     split_adapter,
 )
-from voxcpm_core.models.voxcpm import VoxCPMModel
 
 # ---------------------------------------------------------------------------------------------- reading
 
@@ -216,7 +216,7 @@ def base_problems(adapter: Adapter, config: LoRAConfig, base_config: VoxCPMConfi
     """What keeps the adapter from loading onto this base: missing layers, uncovered targets, shapes."""
     pairs, _, _ = split_adapter(adapter.tensors)
     with torch.device("meta"):  # shapes only: no memory, no weights
-        model = VoxCPMModel(base_config)
+        model = family_of(base_config).network(base_config)
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     try:
         apply_lora(model, config)

@@ -1,7 +1,8 @@
 """The Python API of the fine-tuning guide: ``VoxCPM.from_pretrained``, ``generate``, LoRA hot-swapping.
 
-    tts = VoxCPM.from_pretrained("path/to/VoxCPM1.5", lora_weights_path="ckpt/step_0002000")
-    wav = tts.generate("Hello.", prompt_wav_path="ref.wav", prompt_text="Reference transcript.", seed=1)
+    tts = VoxCPM.from_pretrained("path/to/VoxCPM2", lora_weights_path="ckpt/step_0002000")
+    wav = tts.generate("Hello.", prompt_wav_path="prompt.wav", prompt_text="Its transcript.", seed=1)
+    wav = tts.generate("(A warm, gentle voice)Hello.", reference_wav_path="voice.wav")  # VoxCPM2
     tts.set_lora_enabled(False); tts.load_lora("ckpt/other"); tts.unload_lora()
 
 A thin layer over ``io`` (loading), ``generation`` and ``adapters``/``models.lora`` (LoRA): swapping
@@ -28,6 +29,9 @@ from voxcpm_core.io.checkpoint import LoadedModel, load_model_dir
 from voxcpm_core.io.hub import resolve_model_dir
 from voxcpm_core.models import lora
 from voxcpm_core.models.lora import LoRAConfig
+
+
+DEFAULT_MODEL_ID = "openbmb/VoxCPM2"  # what from_pretrained() loads without a model, as upstream
 
 
 def _read(adapter: str | os.PathLike | Adapter) -> Adapter:
@@ -64,7 +68,7 @@ class VoxCPM:
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
-        self._prompt_cache: tuple[tuple, inference.Prompt] | None = None
+        self._clips: dict[str, tuple[tuple, inference.Prompt | inference.Reference]] = {}  # kind -> last one
 
     @classmethod
     def from_pretrained(
@@ -79,7 +83,8 @@ class VoxCPM:
         optimize: bool | None = True,
         load_denoiser: bool = False,
     ) -> VoxCPM:
-        """Load a model directory (or hub id) on ``device`` (default: CUDA if available, else CPU).
+        """Load a model directory or hub id (``path``, or ``hf_model_id``; neither: ``DEFAULT_MODEL_ID``) on
+        ``device`` (default: CUDA if available, else CPU).
 
         ``dtype`` "auto" is the faster one for the device: on CPU bfloat16 where it has native bf16 dot
         products, else float32; on GPU the config's dtype (the VAE stays float32).
@@ -94,9 +99,9 @@ class VoxCPM:
         """
         if load_denoiser:
             raise VoxCPMError("load_denoiser=True is not supported: voxcpm-tune has no denoiser; clean the prompt audio beforehand")
-        if (path is None) == (hf_model_id is None):
+        if path is not None and hf_model_id is not None:
             raise VoxCPMError("from_pretrained: give the model as path or hf_model_id (exactly one of them)")
-        model_dir = resolve_model_dir(path if path is not None else hf_model_id)
+        model_dir = resolve_model_dir(path if path is not None else hf_model_id or DEFAULT_MODEL_ID)
         adapter = None if lora_weights_path is None else _read(lora_weights_path)
         if adapter is not None and lora_config is None:
             lora_config = _structure(adapter)
@@ -157,7 +162,8 @@ class VoxCPM:
 
     @property
     def sample_rate(self) -> int:
-        return self.loaded.vae.sample_rate
+        """The rate of the generated audio (VoxCPM2: 48 kHz; prompts are read at the encoder's rate)."""
+        return self.loaded.vae.out_sample_rate
 
     def _optimize(self, optimize: bool | None) -> None:
         m = self.model
@@ -173,18 +179,34 @@ class VoxCPM:
 
     # ---- generation -----------------------------------------------------------------------------
 
-    def _prompt(self, prompt_wav_path: str | os.PathLike | None, prompt_text: str | None) -> inference.Prompt | None:
-        """The encoded prompt; the last one is kept, so repeated calls with one voice encode it once."""
-        inference.check_prompt_args(prompt_wav_path, prompt_text)
-        if prompt_wav_path is None:
-            return None
-        path = Path(prompt_wav_path).resolve()
+    def _clip(self, kind: str, path: str | os.PathLike, text: str | None, load):
+        """An encoded prompt or reference; the last one of each kind is kept, so repeated calls with one
+        voice encode it once."""
+        path = Path(path).resolve()
         stat = path.stat()
-        key = (path, stat.st_mtime_ns, stat.st_size, prompt_text)
-        if self._prompt_cache is None or self._prompt_cache[0] != key:
-            prompt = inference.load_prompt(self.loaded.vae, path, prompt_text, self.loaded.config.patch_size)
-            self._prompt_cache = (key, prompt)
-        return self._prompt_cache[1]
+        key = (path, stat.st_mtime_ns, stat.st_size, text)
+        if kind not in self._clips or self._clips[kind][0] != key:
+            self._clips[kind] = (key, load(path))
+        return self._clips[kind][1]
+
+    def _clips_for(
+        self,
+        prompt_wav_path: str | os.PathLike | None,
+        prompt_text: str | None,
+        reference_wav_path: str | os.PathLike | None,
+    ) -> tuple[inference.Prompt | None, inference.Reference | None]:
+        """The checked, encoded prompt and reference of one request (None where not given)."""
+        inference.check_prompt_args(prompt_wav_path, prompt_text)
+        inference.check_reference_args(self.model, reference_wav_path)
+        vae, patch_size = self.loaded.vae, self.loaded.config.patch_size
+        prompt = reference = None
+        if prompt_wav_path is not None:
+            prompt = self._clip("prompt", prompt_wav_path, prompt_text,
+                                lambda p: inference.load_prompt(vae, p, prompt_text, patch_size))  # fmt: skip
+        if reference_wav_path is not None:
+            reference = self._clip("reference", reference_wav_path, None,
+                                   lambda p: inference.load_reference(vae, p, patch_size))  # fmt: skip
+        return prompt, reference
 
     def synthesize(
         self,
@@ -193,17 +215,19 @@ class VoxCPM:
         prompt_text: str | None = None,
         seed: int | None = None,
         options: SamplingOptions | None = None,
+        reference_wav_path: str | os.PathLike | None = None,
     ) -> inference.Generation:
         """``generate`` with the details: the wave plus the seed used, tries and patch count."""
-        prompt = self._prompt(prompt_wav_path, prompt_text)
+        prompt, reference = self._clips_for(prompt_wav_path, prompt_text, reference_wav_path)
         m = self.loaded
-        return inference.generate(m.model, m.vae, m.tokenizer, text, prompt, options, seed)
+        return inference.generate(m.model, m.vae, m.tokenizer, text, prompt, options, seed, reference)
 
     def generate(
         self,
         text: str,
         prompt_wav_path: str | os.PathLike | None = None,
         prompt_text: str | None = None,
+        reference_wav_path: str | os.PathLike | None = None,
         cfg_value: float = SamplingOptions.cfg_value,
         inference_timesteps: int = SamplingOptions.inference_timesteps,
         min_len: int = SamplingOptions.min_len,
@@ -215,30 +239,35 @@ class VoxCPM:
     ) -> np.ndarray:
         """Speech for ``text`` as float32 [samples] at ``sample_rate`` (only the new speech with a prompt).
 
+        ``prompt_wav_path`` + ``prompt_text``: continue that recording. ``reference_wav_path`` (VoxCPM2):
+        speak in that clip's voice, no transcript needed; with a prompt too, both. A parenthesised
+        description before the text (``"(A warm, gentle voice)Hello."``) designs or steers the voice.
         The sampling arguments default to ``SamplingOptions``' fields (the reference's defaults).
         """
         options = SamplingOptions(
             cfg_value, inference_timesteps, min_len, max_len,
             retry_badcase, retry_badcase_max_times, retry_badcase_ratio_threshold,
         )  # fmt: skip
-        return self.synthesize(text, prompt_wav_path, prompt_text, seed, options).wav
+        return self.synthesize(text, prompt_wav_path, prompt_text, seed, options, reference_wav_path).wav
 
     def generate_streaming(
         self,
         text: str,
         prompt_wav_path: str | os.PathLike | None = None,
         prompt_text: str | None = None,
+        reference_wav_path: str | os.PathLike | None = None,
         cfg_value: float = SamplingOptions.cfg_value,
         inference_timesteps: int = SamplingOptions.inference_timesteps,
         min_len: int = SamplingOptions.min_len,
         max_len: int = SamplingOptions.max_len,
         seed: int | None = None,
     ) -> Iterator[np.ndarray]:
-        """Yield float32 chunks, one per generated patch; together they equal ``generate`` (no bad-case retry)."""
+        """Yield float32 chunks, one per generated patch; together they equal ``generate`` in every mode
+        (no bad-case retry)."""
         options = SamplingOptions(cfg_value, inference_timesteps, min_len, max_len, retry_badcase=False)
-        prompt = self._prompt(prompt_wav_path, prompt_text)  # checked now, not at the first chunk
+        prompt, reference = self._clips_for(prompt_wav_path, prompt_text, reference_wav_path)  # checked now
         m = self.loaded
-        return inference.generate_streaming(m.model, m.vae, m.tokenizer, text, prompt, options, seed)
+        return inference.generate_streaming(m.model, m.vae, m.tokenizer, text, prompt, options, seed, reference)
 
     # ---- LoRA hot-swapping ----------------------------------------------------------------------
 

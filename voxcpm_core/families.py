@@ -1,5 +1,5 @@
 """Model families: ``config.json["architecture"]`` picks one entry here, once, and the entry names everything
-that differs between families. Another family ("voxcpm2") is one more entry, not branches across the code.
+that differs between families, so a family is one more entry, not branches across the code.
 
 The architecture is read lower-cased, "voxcpm" when the key is absent (as the reference reads it).
 """
@@ -12,12 +12,14 @@ from typing import Any
 
 from torch import nn
 
-from voxcpm_core.config import parse_model_config
+from voxcpm_core.config import parse_model2_config, parse_model_config
 from voxcpm_core.data.collate import collate
 from voxcpm_core.errors import VoxCPMError
 from voxcpm_core.models.audio_vae import AudioVAE
+from voxcpm_core.models.audio_vae_v2 import AudioVAEV2
 from voxcpm_core.models.batch import TrainBatch
 from voxcpm_core.models.voxcpm import VoxCPMModel
+from voxcpm_core.models.voxcpm2 import VoxCPM2Model
 
 DEFAULT_ARCHITECTURE = "voxcpm"
 
@@ -32,6 +34,8 @@ class Family:
     collate: Callable[[Sequence], Any]  # dataset items (text ids, latents, dataset id) -> one batch
     # the prompt modes generation offers (generation/ sits above this registry and reads it, never the reverse)
     generation_modes: tuple[str, ...]
+    # at most this many audio patches that end a prompted prefix are decoded in front of the new ones, then cut
+    context_patches: int
 
     def build_vae(self, config) -> nn.Module:
         return self.vae(config.audio_vae_config)
@@ -48,6 +52,18 @@ FAMILIES = {
             batch=TrainBatch,
             collate=collate,
             generation_modes=("zero-shot", "continuation"),  # continuation: prompt audio + its transcript
+            context_patches=2,
+        ),
+        Family(
+            architecture="voxcpm2",  # VoxCPM2
+            parse_config=parse_model2_config,  # -> VoxCPM2Config
+            network=VoxCPM2Model,
+            vae=AudioVAEV2,
+            batch=TrainBatch,
+            collate=collate,
+            # reference: a clip of the voice without its transcript; combined: reference + continuation
+            generation_modes=("zero-shot", "continuation", "reference", "combined"),
+            context_patches=3,
         ),
     )
 }

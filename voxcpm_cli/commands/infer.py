@@ -1,5 +1,5 @@
-"""`voxcpm infer`: speak texts with a model directory, optionally in the voice of a prompt recording,
-optionally under one or several LoRA adapters (swapped in place: one model load for everything)."""
+"""`voxcpm infer`: speak texts with a model directory, optionally continuing a prompt recording or in the
+voice of a reference clip (VoxCPM2), optionally under one or several LoRA adapters (swapped in place: one model load for everything)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ FLAGS = {  # engine parameter -> the option of this command that sets it (for er
     "lora_config": "--config TRAIN.yaml",
     "device": "--device",
     "dtype": "--dtype",
+    "prompt_wav_path": "--prompt-audio",
+    "reference_wav_path": "--reference-audio",
     **{f.name: "--" + f.name.replace("_", "-") for f in fields(SamplingOptions)},
 }
 
@@ -42,13 +44,13 @@ def infer(
         Path | None,
         typer.Option(
             "--batch",
-            help='JSONL, one {"text", "prompt_audio", "prompt_text", "id"} per line (only text required); '
-            "needs --output-dir.",
+            help='JSONL, one {"text", "prompt_audio", "prompt_text", "reference_audio", "id"} per line (only text '
+            "required); needs --output-dir.",
         ),
     ] = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="WAV file to write for --text (at the model's sample rate)."),
+        typer.Option("--output", "-o", help="WAV file to write for --text (at the model's output rate: 48 kHz for VoxCPM2)."),
     ] = None,
     output_dir: Annotated[
         Path | None,
@@ -80,6 +82,13 @@ def infer(
         ),
     ] = None,
     prompt_text: Annotated[str | None, typer.Option(help="Transcript of --prompt-audio.")] = None,
+    reference_audio: Annotated[
+        Path | None,
+        typer.Option(
+            help="VoxCPM2: a clip of the voice to speak in (any rate / channels), no transcript needed; "
+            "alone or with --prompt-audio/--prompt-text."
+        ),
+    ] = None,
     cfg_value: Annotated[float, typer.Option(help="Classifier-free guidance strength.")] = SamplingOptions.cfg_value,
     inference_timesteps: Annotated[
         int, typer.Option(min=1, help="Flow-matching steps per patch.")
@@ -117,7 +126,8 @@ def infer(
         ),
     ] = None,
 ) -> None:
-    """Synthesize speech into WAV files; with --prompt-audio/--prompt-text, clone that voice.
+    """Synthesize speech into WAV files; with --prompt-audio/--prompt-text, continue that recording; with
+    --reference-audio (VoxCPM2), speak in that voice. "(A warm, gentle voice)Hello." designs a voice.
 
     One text: --text ... --output out.wav. Many: --text-file or --batch with --output-dir (one model load).
     """
@@ -127,10 +137,12 @@ def infer(
     from voxcpm_core.generation.sampling import new_seed
 
     paths = lora_ckpt or []
-    _check_usage(text, text_file, batch, output, output_dir, paths, config, ckpt_dir, prompt_audio, prompt_text)
+    _check_usage(
+        text, text_file, batch, output, output_dir, paths, config, ckpt_dir, prompt_audio, prompt_text, reference_audio
+    )
     with flag_hints(**FLAGS):
         # texts, prompts and adapters (each read and checked once, here) come before the (slow) model load
-        utterances = read_utterances(text, text_file, batch, prompt_audio, prompt_text, output)
+        utterances = read_utterances(text, text_file, batch, prompt_audio, prompt_text, output, reference_audio)
         lora_config, yaml_base = training_lora_settings(config) if config is not None else (None, None)
         adapters = [load_adapter(path, lora_config) for path in paths]
         options = SamplingOptions(cfg_value, inference_timesteps, min_len, max_len, retry_badcase)
@@ -159,7 +171,7 @@ def infer(
 
 
 def _check_usage(
-    text, text_file, batch, output, output_dir, adapters, config, ckpt_dir, prompt_audio, prompt_text
+    text, text_file, batch, output, output_dir, adapters, config, ckpt_dir, prompt_audio, prompt_text, reference_audio
 ) -> None:
     """Option combinations that cannot work: usage errors (exit 2) before anything loads."""
     sources = [
@@ -184,10 +196,10 @@ def _check_usage(
             "several --lora-ckpt write one file per adapter: pass --output-dir instead",
             param_hint="'--output'",
         )
-    if batch is not None and (prompt_audio or prompt_text):
+    if batch is not None and (prompt_audio or prompt_text or reference_audio):
         raise typer.BadParameter(
-            "--batch takes prompts per line (prompt_audio, prompt_text)",
-            param_hint="'--prompt-audio' / '--prompt-text'",
+            "--batch takes prompts per line (prompt_audio, prompt_text, reference_audio)",
+            param_hint="'--prompt-audio' / '--prompt-text' / '--reference-audio'",
         )
     if config is not None and not adapters:
         raise typer.BadParameter(

@@ -18,6 +18,8 @@ from voxcpm_core.errors import VoxCPMError
 SPACE = "\u2581"
 AUDIO_START = 101
 AUDIO_END = 102
+REF_AUDIO_START = 103  # VoxCPM2: a reference clip sits between these two tokens
+REF_AUDIO_END = 104
 
 
 def sequence_length(text_tokens: int, audio_patches: int) -> int:

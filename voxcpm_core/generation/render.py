@@ -24,12 +24,12 @@ from voxcpm_core.data.audio import write_wav
 from voxcpm_core.data.manifest import resolve_audio_path
 from voxcpm_core.errors import VoxCPMError
 from voxcpm_core.generation.options import SamplingOptions
-from voxcpm_core.generation.sampling import check_prompt_args
+from voxcpm_core.generation.sampling import check_prompt_args, check_reference_path
 
 if TYPE_CHECKING:  # the API sits above generation: rendering only calls the loaded model it is given
     from voxcpm_core.api import VoxCPM
 
-BATCH_KEYS = ("text", "prompt_audio", "prompt_text", "id")
+BATCH_KEYS = ("text", "prompt_audio", "prompt_text", "reference_audio", "id")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Utterance:
     prompt_audio: Path | None = None
     prompt_text: str | None = None
     output: Path | None = None
+    reference_audio: Path | None = None  # VoxCPM2: a clip of the voice, no transcript
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def _batch_entry(raw: str, path: Path, line: int, total: int) -> Utterance:
     text = obj.get("text")
     if not isinstance(text, str) or not text.strip():
         raise VoxCPMError(f'{where}: needs a non-empty "text" string')
-    for key in ("prompt_audio", "prompt_text"):
+    for key in ("prompt_audio", "prompt_text", "reference_audio"):
         if obj.get(key) is not None and not isinstance(obj[key], str):
             raise VoxCPMError(f'{where}: "{key}" must be a string')
     uid = obj.get("id", _line_id(line, total))
@@ -103,20 +104,23 @@ def _batch_entry(raw: str, path: Path, line: int, total: int) -> Utterance:
     uid = str(uid)
     if not uid or uid in (".", "..") or any(c in uid for c in '/\\:*?"<>|\0'):
         raise VoxCPMError(f'{where}: "id" {uid!r} cannot be a file name; use letters, digits, "-" or "_"')
-    prompt_audio = obj.get("prompt_audio")
-    if prompt_audio is not None:
-        prompt_audio, _ = resolve_audio_path(prompt_audio, path.parent, Path.cwd())
+    prompt_audio, reference_audio = (
+        None if obj.get(key) is None else resolve_audio_path(obj[key], path.parent, Path.cwd())[0]
+        for key in ("prompt_audio", "reference_audio")
+    )
     try:
         check_prompt_args(prompt_audio, obj.get("prompt_text"))
+        check_reference_path(reference_audio)
     except VoxCPMError as exc:
         raise VoxCPMError(f"{where}: {exc}") from None
-    return Utterance(uid, text, prompt_audio, obj.get("prompt_text"))
+    return Utterance(uid, text, prompt_audio, obj.get("prompt_text"), reference_audio=reference_audio)
 
 
 def read_batch_manifest(path: str | os.PathLike) -> list[Utterance]:
-    """JSONL, one ``{"text": ..., "prompt_audio": ..., "prompt_text": ..., "id": ...}`` per line (only text required).
+    """JSONL, one ``{"text": ..., "prompt_audio": ..., "prompt_text": ..., "reference_audio": ..., "id": ...}`` per
+    line (only text required).
 
-    ``prompt_audio`` resolves like a training manifest's audio (the manifest's folder, then the current one).
+    ``prompt_audio`` and ``reference_audio`` resolve like a training manifest's audio (the manifest's folder, then the current one).
     Every line is checked before anything is rendered.
     """
     path = Path(os.path.abspath(path))
@@ -144,20 +148,29 @@ def read_utterances(
     prompt_audio: str | os.PathLike | None = None,
     prompt_text: str | None = None,
     output: str | os.PathLike | None = None,
+    reference_audio: str | os.PathLike | None = None,
 ) -> list[Utterance]:
     """The texts of one run from exactly one source: ``text`` (id 0001, or written to ``output``), the lines of
-    ``text_file``, or a ``batch`` manifest (prompts per line). The prompt applies to ``text``/``text_file``."""
+    ``text_file``, or a ``batch`` manifest (prompts per line). The prompt and reference apply to
+    ``text``/``text_file``."""
     if sum(source is not None for source in (text, text_file, batch)) != 1:
         raise VoxCPMError("give exactly one of text, text_file and batch")
     check_prompt_args(prompt_audio, prompt_text)
+    check_reference_path(reference_audio)
     if batch is not None:
-        if prompt_audio is not None:
-            raise VoxCPMError(f"{batch}: a batch manifest gives prompts per line (prompt_audio, prompt_text)")
+        if prompt_audio is not None or reference_audio is not None:
+            raise VoxCPMError(
+                f"{batch}: a batch manifest gives prompts per line (prompt_audio, prompt_text, reference_audio)"
+            )
         return read_batch_manifest(batch)
-    prompt = (Path(prompt_audio) if prompt_audio is not None else None, prompt_text)
+    voice = dict(
+        prompt_audio=Path(prompt_audio) if prompt_audio is not None else None,
+        prompt_text=prompt_text,
+        reference_audio=Path(reference_audio) if reference_audio is not None else None,
+    )
     if text_file is not None:
-        return [Utterance(u.id, u.text, *prompt) for u in read_text_file(text_file)]
-    return [Utterance(_line_id(1, 1), text, *prompt, Path(output) if output is not None else None)]
+        return [Utterance(u.id, u.text, **voice) for u in read_text_file(text_file)]
+    return [Utterance(_line_id(1, 1), text, **voice, output=Path(output) if output is not None else None)]
 
 
 def adapter_folder_names(adapters: Sequence[str | os.PathLike]) -> list[str]:
@@ -194,7 +207,7 @@ def render(
         for utterance in utterances:
             start = time.perf_counter()
             result = tts.synthesize(
-                utterance.text, utterance.prompt_audio, utterance.prompt_text, seed, options
+                utterance.text, utterance.prompt_audio, utterance.prompt_text, seed, options, utterance.reference_audio
             )
             elapsed = time.perf_counter() - start
             path = (

@@ -2,7 +2,8 @@
 
 Attribute names follow the official checkpoint (``audiovae.pth``): ``encoder.block.*``,
 ``encoder.fc_mu``, ``encoder.fc_logvar``, ``decoder.model.*``; every conv stores ``weight_g``,
-``weight_v`` and ``bias``. The VAE always runs in float32.
+``weight_v`` and ``bias``. The VAE always runs in float32. The V2 VAE (``audio_vae_v2.py``) is built from
+these blocks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxcpm_core.config import AudioVAEConfig
+from voxcpm_core.config import AudioVAEConfig, AudioVAEConfigV2
 
 
 def _weight_norm(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,8 @@ class _WeightNormed(nn.Module):
 
 
 class WNConv1d(_WeightNormed):
-    """Causal Conv1d: the input is left-padded with ``2 * padding`` zeros, the conv itself pads nothing."""
+    """Causal Conv1d: the input is left-padded with ``left_pad`` zeros (default ``2 * padding``), the conv
+    itself pads nothing."""
 
     def __init__(
         self,
@@ -56,12 +58,14 @@ class WNConv1d(_WeightNormed):
         groups: int = 1,
         padding: int = 0,
         bias: bool = True,
+        left_pad: int | None = None,
     ):
         super().__init__((out_ch, in_ch // groups, kernel_size), out_ch, bias)
-        self.stride, self.dilation, self.groups, self.padding = stride, dilation, groups, padding
+        self.stride, self.dilation, self.groups = stride, dilation, groups
+        self.left_pad = 2 * padding if left_pad is None else left_pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C_in, L] -> [B, C_out, L']
-        x = F.pad(x, (2 * self.padding, 0))
+        x = F.pad(x, (self.left_pad, 0))
         return F.conv1d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
@@ -119,15 +123,17 @@ def _residual_units(dim: int, depthwise: bool) -> list[nn.Module]:
 
 
 class EncoderBlock(nn.Module):
-    """Three residual units at ``dim``, then a strided conv ``dim -> 2 dim`` (time / stride)."""
+    """Three residual units at ``dim``, then a strided conv ``dim -> 2 dim`` (time / stride).
 
-    def __init__(self, dim: int, stride: int, depthwise: bool):
+    The strided conv left-pads ``2 * ceil(stride / 2)`` zeros (V1) or, with ``pad_by_stride``, ``stride``
+    zeros (V2); the two differ only for odd strides.
+    """
+
+    def __init__(self, dim: int, stride: int, depthwise: bool, pad_by_stride: bool = False):
         super().__init__()
-        self.block = nn.Sequential(
-            *_residual_units(dim, depthwise),
-            Snake(dim),
-            WNConv1d(dim, 2 * dim, kernel_size=2 * stride, stride=stride, padding=math.ceil(stride / 2)),
-        )
+        left_pad = stride if pad_by_stride else 2 * math.ceil(stride / 2)
+        downsample = WNConv1d(dim, 2 * dim, kernel_size=2 * stride, stride=stride, left_pad=left_pad)
+        self.block = nn.Sequential(*_residual_units(dim, depthwise), Snake(dim), downsample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
@@ -170,12 +176,14 @@ class DecoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: AudioVAEConfig):
+    """``pad_by_stride``: the V2 encoder's padding of each block's strided conv (see ``EncoderBlock``)."""
+
+    def __init__(self, cfg: AudioVAEConfig | AudioVAEConfigV2, pad_by_stride: bool = False):
         super().__init__()
         dim = cfg.encoder_dim
         blocks: list[nn.Module] = [WNConv1d(1, dim, kernel_size=7, padding=3)]
         for stride in cfg.encoder_rates:
-            blocks.append(EncoderBlock(dim, stride, cfg.depthwise))
+            blocks.append(EncoderBlock(dim, stride, cfg.depthwise, pad_by_stride))
             dim *= 2
         self.block = nn.Sequential(*blocks)
         self.fc_mu = WNConv1d(dim, cfg.latent_dim, kernel_size=3, padding=1)
@@ -186,7 +194,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: AudioVAEConfig):
+    def __init__(self, cfg: AudioVAEConfig | AudioVAEConfigV2):
         super().__init__()
         latent, dim = cfg.latent_dim, cfg.decoder_dim
         if cfg.depthwise:
@@ -207,21 +215,41 @@ class Decoder(nn.Module):
 
 
 class AudioVAE(nn.Module):
-    """``encode`` waveforms to latent means and ``decode`` latents back, always in float32."""
+    """``encode`` waveforms to latent means and ``decode`` latents back, always in float32.
 
-    def __init__(self, config: AudioVAEConfig):
+    ``encoder`` / ``decoder`` default to V1's; the V2 VAE passes its own.
+    """
+
+    def __init__(
+        self,
+        config: AudioVAEConfig | AudioVAEConfigV2,
+        encoder: Encoder | None = None,
+        decoder: Decoder | None = None,
+    ):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        self.encoder = Encoder(config) if encoder is None else encoder
+        self.decoder = Decoder(config) if decoder is None else decoder
 
     @property
     def sample_rate(self) -> int:
+        """The encoder's input rate."""
         return self.config.sample_rate
 
     @property
+    def out_sample_rate(self) -> int:
+        """The decoder's output rate (V1: the input rate)."""
+        return self.config.out_sample_rate
+
+    @property
     def hop_length(self) -> int:
+        """Encoder input samples per latent frame."""
         return self.config.hop_length
+
+    @property
+    def decode_hop_length(self) -> int:
+        """Decoder output samples per latent frame."""
+        return self.config.decode_hop_length
 
     @property
     def latent_dim(self) -> int:
@@ -234,5 +262,5 @@ class AudioVAE(nn.Module):
         return self.encoder(wav)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z [B, D, T] -> waveform [B, 1, T * hop] in [-1, 1]."""
+        """z [B, D, T] -> waveform [B, 1, T * decode_hop_length] in [-1, 1]."""
         return self.decoder(z.to(torch.float32))
