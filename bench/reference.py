@@ -2,7 +2,7 @@
 
     /tmp/refvenv/bin/python bench/reference.py [--runs lora-train generate] [--threads 2] [--warmup 2] [--steps 3]
                                                [--seconds 3.0] [--timesteps 10] [--dtype float32|bfloat16]
-                                               [--model-dir ../shared/models/VoxCPM1.5]
+                                               [--model-dir ../shared/models/VoxCPM1.5] [--tokenizer-dir DIR]
 
 Run it with the interpreter of a separate virtual environment that holds ``voxcpm==2.0.3`` and
 ``torch==2.13.0`` (never this project's own environment): the reference is only imported and called as
@@ -12,8 +12,11 @@ compared with the reference measured on the same machine, under the same CPU ins
 (``cpu_flags``, ``isa_caps``: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, and
 ``torch_cpu_capability``). Each run is its own fresh process, so its peak RSS is its own.
 
-The model is the reference's ``VoxCPMModel`` built from ``--model-dir``/config.json (and the tokenizer
-files there) with random weights (``torch.manual_seed(0)``), on the CPU with ``--threads`` torch threads:
+The model is the reference's model of config.json's "architecture" (``VoxCPMModel`` with its ``AudioVAE``
+for "voxcpm", ``VoxCPM2Model`` with ``AudioVAEV2`` for "voxcpm2") built from ``--model-dir``/config.json
+with random weights (``torch.manual_seed(0)``), on the CPU with ``--threads`` torch threads. The tokenizer
+files come from ``--tokenizer-dir`` (default: the model folder if it has tokenizer.json, else
+../shared/models/VoxCPM1.5, whose vocabulary VoxCPM2 shares):
 
     lora-train  float32, LoRA r 32, alpha 64 on the LM and DiT q/k/v/o (the reference's LoRAConfig,
                 enable_proj false), frozen base weights as ``from_local(training=True)`` leaves them, the
@@ -23,15 +26,19 @@ files there) with random weights (``torch.manual_seed(0)``), on the CPU with ``-
                 ``loss/*`` outputs), gradient-norm pass and ``torch.optim.AdamW(lr 1e-5, weight decay 0.01)``.
                 Forward, backward, gradient norm and AdamW step are timed apart; --warmup steps, then
                 --steps measured steps. The AudioVAE is built and kept in memory, as the reference trainer
-                keeps it (its BatchProcessor holds it), but it does not run.
-    generate    ``VoxCPMModel.generate`` at bench/infer.py's settings: its sentence, no prompt,
+                keeps it (its BatchProcessor holds it), but it does not run. VoxCPM2 trains the same way
+                (its packer is the same class; this batch has no reference clip).
+    generate    the model's ``generate`` at bench/infer.py's settings: its sentence, no prompt,
                 --timesteps flow-matching steps, CFG 2.0, min_len = max_len = the patches of --seconds
                 (the stop head of random weights is meaningless), retry_badcase off, ``--dtype`` for the
                 model and float32 for the VAE as ``from_local`` loads them. After a 2-patch warm-up, one
                 timed generation; forward hooks on the stop head (run once per patch) and on the VAE
                 decoder stamp the patches and the start of decoding without changing the reference's code
                 path. ``s_per_patch_ar`` includes the prefill, ``s_per_patch_median`` is the median over
-                the patches after the first.
+                the patches after the first. Audio seconds and real-time factors are at the rate of the
+                returned waveform (VoxCPM2: the decoder's 48 kHz ``out_sample_rate``); the patch count
+                follows from the encoder rate. ``peak_rss_gib`` is the process's peak (the random build
+                included), ``peak_rss_generate_gib`` the peak from the warm-up on (bench/infer.py's too).
 
 ``load_average_1min_*`` and ``other_cpu_load`` (cores busy in other processes during the timed part):
 above ~0.1 other load the timings are noisy.
@@ -52,12 +59,12 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import OtherLoad, peak_rss_gib, run_child  # noqa: E402
+from measure import SHARED, OtherLoad, PeakRSS, peak_rss_gib, run_child, tokenizer_dir  # noqa: E402
 
 _STARTED = time.perf_counter()  # a run's wall_s counts from here; torch and the reference load after it
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEFAULT_MODEL_DIR = SHARED / "models" / "VoxCPM1.5"
+ARCHITECTURES = ("voxcpm", "voxcpm2")  # config.json's "architecture", lower case; absent: "voxcpm"
 RUNS = ("lora-train", "generate")
 TEXT = "The quick brown fox jumps over the lazy dog near the quiet river bank."  # bench/infer.py's
 TEXT_TOKENS, AUDIO_SECONDS, BATCH = 30, 5.12, 2  # bench/train.py's batch
@@ -94,33 +101,51 @@ def _stand_in_for_torchaudio() -> str | None:
     return reason
 
 
-def _import_reference() -> tuple[types.SimpleNamespace, str | None]:
-    """The reference's classes used here, and why torchaudio was replaced (None if it was not)."""
+def architecture_of(model_dir: Path) -> str:
+    """config.json's "architecture" as the reference picks its model: lower case, "voxcpm" when absent."""
+    return str(json.loads((model_dir / "config.json").read_text()).get("architecture", "voxcpm")).lower()
+
+
+def _import_reference(architecture: str) -> tuple[types.SimpleNamespace, str | None]:
+    """The reference's classes for ``architecture`` used here, and why torchaudio was replaced (None if it was not)."""
     try:
         import torch  # noqa: F401
 
         replaced = _stand_in_for_torchaudio()
         import voxcpm  # noqa: F401
         from transformers import LlamaTokenizerFast
-        from voxcpm.model.voxcpm import LoRAConfig, VoxCPMConfig, VoxCPMModel
-        from voxcpm.modules.audiovae import AudioVAE
         from voxcpm.training.packers import AudioFeatureProcessingPacker
+
+        # one packer serves both architectures; the model, its config and LoRA schema and the VAE differ
+        if architecture == "voxcpm2":
+            from voxcpm.model.voxcpm2 import LoRAConfig
+            from voxcpm.model.voxcpm2 import VoxCPM2Model as Model
+            from voxcpm.model.voxcpm2 import VoxCPMConfig as Config
+            from voxcpm.modules.audiovae import AudioVAEV2 as AudioVAE
+        else:
+            from voxcpm.model.voxcpm import LoRAConfig
+            from voxcpm.model.voxcpm import VoxCPMConfig as Config
+            from voxcpm.model.voxcpm import VoxCPMModel as Model
+            from voxcpm.modules.audiovae import AudioVAE
     except Exception as error:  # any failure means the reference is not usable from this interpreter
         detail = f"{type(error).__name__}: {error}".replace("\n", " ")[:300]
         sys.exit(f"bench/reference.py: cannot import the reference package voxcpm ({detail}); {INSTALL_HINT}")
     return types.SimpleNamespace(
-        LlamaTokenizerFast=LlamaTokenizerFast, LoRAConfig=LoRAConfig, VoxCPMConfig=VoxCPMConfig,
-        VoxCPMModel=VoxCPMModel, AudioVAE=AudioVAE, Packer=AudioFeatureProcessingPacker,
+        LlamaTokenizerFast=LlamaTokenizerFast, LoRAConfig=LoRAConfig, Config=Config, Model=Model, AudioVAE=AudioVAE,
+        Packer=AudioFeatureProcessingPacker,
     ), replaced
 
 
-def _read_config(ref, model_dir: Path, dtype: str):
-    config = ref.VoxCPMConfig.model_validate_json((model_dir / "config.json").read_text())
+def _build(ref, model_dir: Path, tokenizer: Path, dtype: str, **model_args):
+    """-> (config, VAE, model): the reference's model with random weights and the AudioVAE it holds."""
+    config = ref.Config.model_validate_json((model_dir / "config.json").read_text())
     # The release config names bfloat16 and cuda for its own weights; the model's inputs and KV caches
     # follow config.dtype, so it has to name the dtype these runs use.
     config.dtype = dtype
     config.device = "cpu"
-    return config
+    vae = ref.AudioVAE(config=config.audio_vae_config)
+    model = ref.Model(config, ref.LlamaTokenizerFast.from_pretrained(str(tokenizer)), vae, device="cpu", **model_args)
+    return config, vae, model
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -146,18 +171,15 @@ class LatentSource:
         return latent.reshape(frames, latent.shape[2]).T.unsqueeze(0)  # the VAE's [1, D, frames]
 
 
-def run_lora_train(model_dir: Path, threads: int, warmup_steps: int, steps: int) -> dict:
+def run_lora_train(model_dir: Path, tokenizer: Path, threads: int, warmup_steps: int, steps: int) -> dict:
     import torch
 
-    ref, _ = _import_reference()
+    ref, _ = _import_reference(architecture_of(model_dir))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    config = _read_config(ref, model_dir, "float32")
     lora = ref.LoRAConfig(**LORA)
     start = time.perf_counter()
-    vae = ref.AudioVAE(config=config.audio_vae_config)
-    model = ref.VoxCPMModel(config, ref.LlamaTokenizerFast.from_pretrained(str(model_dir)), vae,
-                            lora_config=lora, device="cpu")
+    config, vae, model = _build(ref, model_dir, tokenizer, "float32", lora_config=lora)
     # The reference trainer hands the VAE to its batch processor and removes it from the model, so the
     # VAE stays in memory but outside the parameters; only the LoRA matrices train.
     del model.audio_vae
@@ -243,17 +265,15 @@ def run_lora_train(model_dir: Path, threads: int, warmup_steps: int, steps: int)
     }
 
 
-def run_generate(model_dir: Path, threads: int, seconds: float, timesteps: int, dtype_name: str) -> dict:
+def run_generate(model_dir: Path, tokenizer: Path, threads: int, seconds: float, timesteps: int, dtype_name: str) -> dict:
     import torch
 
-    ref, _ = _import_reference()
+    ref, _ = _import_reference(architecture_of(model_dir))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
-    config = _read_config(ref, model_dir, dtype_name)
     start = time.perf_counter()
-    vae = ref.AudioVAE(config=config.audio_vae_config)
-    model = ref.VoxCPMModel(config, ref.LlamaTokenizerFast.from_pretrained(str(model_dir)), vae, device="cpu")
+    config, vae, model = _build(ref, model_dir, tokenizer, dtype_name)
     # The dtypes from_local gives a loaded model: the model's, a float32 VAE. Its optimize() only
     # compiles on CUDA, so on the CPU there is nothing else to do.
     model = model.to(dtype)
@@ -261,8 +281,10 @@ def run_generate(model_dir: Path, threads: int, seconds: float, timesteps: int, 
     model.eval()
     build_s = time.perf_counter() - start
 
-    patch_samples = int(model.audio_vae.hop_length) * config.patch_size
-    patches = round(seconds * model.sample_rate / patch_samples)
+    # The VAE's sample_rate and hop are its encoder's; generate returns audio at model.sample_rate, the
+    # decoder's rate (VoxCPM2: out_sample_rate; VoxCPM1: the same rate)
+    patch_samples = int(vae.hop_length) * config.patch_size
+    patches = round(seconds * vae.sample_rate / patch_samples)
     text_tokens = len(model.text_tokenizer(TEXT)) + 1  # the prefill: the text's ids and <|audio_start|>
 
     patch_stamps: list[float] = []
@@ -278,6 +300,8 @@ def run_generate(model_dir: Path, threads: int, seconds: float, timesteps: int, 
         return model.generate(target_text=TEXT, min_len=length, max_len=length, inference_timesteps=timesteps,
                               cfg_value=CFG_VALUE, retry_badcase=False)
 
+    peak = PeakRSS()
+    peak.start()  # after the build: what generating needs, as bench/infer.py counts it
     generate(2)  # warm-up, as bench/infer.py does: first-call allocations stay out of the timing
     patch_stamps.clear()
     decode_stamps.clear()
@@ -309,6 +333,7 @@ def run_generate(model_dir: Path, threads: int, seconds: float, timesteps: int, 
         "audio_seconds": audio_s,
         "samples": samples,
         "patch_samples": patch_samples,
+        "out_sample_rate": model.sample_rate,
         "total_s": total_s,
         "decode_s": total_s - ar_loop_s,
         "ar_loop_s": ar_loop_s,
@@ -321,6 +346,7 @@ def run_generate(model_dir: Path, threads: int, seconds: float, timesteps: int, 
         "s_per_patch_min": per_patch[0] if per_patch else None,
         "finite_audio": bool(torch.isfinite(wav).all()),
         "peak_rss_gib": peak_rss_gib(),
+        "peak_rss_generate_gib": peak.gib(),
         "other_cpu_load": other_load,
         "load_average_1min_before": load_before,
         "load_average_1min_after": round(os.getloadavg()[0], 2),
@@ -354,7 +380,9 @@ def _versions() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="config.json + tokenizer files")
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="config.json (+ tokenizer files)")
+    parser.add_argument("--tokenizer-dir", type=Path,
+                        help="tokenizer files (default: --model-dir if it has tokenizer.json, else ../shared/models/VoxCPM1.5)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured training steps first (the first allocates AdamW state)")
     parser.add_argument("--steps", type=int, default=3, help="measured training steps")
@@ -367,20 +395,26 @@ def main() -> None:
         parser.error("--steps must be at least 1")
     if not (args.model_dir / "config.json").is_file():
         parser.error(f"no config.json in {args.model_dir}")
+    architecture = architecture_of(args.model_dir)
+    if architecture not in ARCHITECTURES:
+        parser.error(f"{args.model_dir / 'config.json'}: unknown architecture {architecture!r}; the reference has {', '.join(ARCHITECTURES)}")
+    tokenizer = args.tokenizer_dir or tokenizer_dir(args.model_dir)
+    if not (tokenizer / "tokenizer.json").is_file():
+        parser.error(f"no tokenizer.json in {tokenizer}; give --tokenizer-dir")
 
     if args.one == "lora-train":
-        print(json.dumps(run_lora_train(args.model_dir, args.threads, args.warmup, args.steps)))
+        print(json.dumps(run_lora_train(args.model_dir, tokenizer, args.threads, args.warmup, args.steps)))
         return
     if args.one == "generate":
-        print(json.dumps(run_generate(args.model_dir, args.threads, args.seconds, args.timesteps, args.dtype)))
+        print(json.dumps(run_generate(args.model_dir, tokenizer, args.threads, args.seconds, args.timesteps, args.dtype)))
         return
 
-    _, torchaudio_replaced = _import_reference()  # fail here, in one line, before any child starts
+    _, torchaudio_replaced = _import_reference(architecture)  # fail here, in one line, before any child starts
     import torch
 
     runs = []
     for name in args.runs:
-        common = ["--model-dir", str(args.model_dir), "--threads", str(args.threads)]
+        common = ["--model-dir", str(args.model_dir), "--tokenizer-dir", str(tokenizer), "--threads", str(args.threads)]
         if name == "lora-train":
             extra = ["--warmup", str(args.warmup), "--steps", str(args.steps)]
         else:
@@ -395,6 +429,8 @@ def main() -> None:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torchaudio_replaced": torchaudio_replaced,
         "model_dir": str(args.model_dir),
+        "architecture": architecture,
+        "tokenizer_dir": str(tokenizer),
         "runs": runs,
     }, indent=1))
 
