@@ -159,3 +159,22 @@ def test_sample_rate_must_match_the_model(tmp_path):
         and "sample_rate: 16000" in message
         and "set sample_rate: 44100" in message
     )
+
+
+def test_voxcpm2_sample_rate_is_the_encoder_rate_and_the_error_names_both(tmp_path):
+    model_config = read_model_config(official_dir("v2-tiny") / "base")  # encodes 16 kHz, speaks 48 kHz
+    assert check_sample_rate(load_train_config(write(tmp_path, MINIMAL + "sample_rate: 16000\n")), model_config) == 16000
+    with pytest.raises(VoxCPMError) as exc:
+        check_sample_rate(load_train_config(write(tmp_path, MINIMAL + "sample_rate: 48000\n")), model_config)
+    message = str(exc.value)
+    assert "encoder rate is 16000" in message and "48000 is its output rate" in message
+    assert "set sample_rate: 16000" in message and len(message.splitlines()) == 1
+
+
+def test_v2_reference_keys_and_distribute_needs_hf_model_id(tmp_path):
+    cfg = load_train_config(write(tmp_path, MINIMAL + "out_sample_rate: 48000\nmax_grad_norm: 0\n"))
+    assert cfg.out_sample_rate == 48000 and cfg.max_grad_norm == 0
+    with pytest.raises(VoxCPMError, match="distribute: true names hf_model_id as the adapter's base_model"):
+        load_train_config(write(tmp_path, MINIMAL + "distribute: true\n"))
+    cfg = load_train_config(write(tmp_path, MINIMAL + "distribute: true\nhf_model_id: openbmb/VoxCPM2\n"))
+    assert cfg.distribute and cfg.pretrained_path is not None

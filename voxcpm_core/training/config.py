@@ -65,7 +65,8 @@ class TrainConfig(BaseModel):
     pretrained_path: Path | None = None  # model directory; required unless hf_model_id is given
     train_manifest: Path
     val_manifest: Path | None = None  # "" = no validation
-    sample_rate: int | None = Field(None, gt=0)  # must equal the model's VAE rate; omitted = that rate
+    sample_rate: int | None = Field(None, gt=0)  # must equal the model's VAE encoder rate; omitted = that rate
+    out_sample_rate: int | None = Field(None, gt=0)  # accepted from reference V2 configs; samples use the model's output rate
     batch_size: int = Field(16, gt=0)  # at most this many clips per micro-batch
     grad_accum_steps: int = Field(1, gt=0)
     num_workers: int = Field(2, ge=0)  # DataLoader workers reading cached latents
@@ -84,7 +85,7 @@ class TrainConfig(BaseModel):
     lora: LoRAConfig | None = None  # the adapter for `voxcpm train lora`
     max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
     hf_model_id: str = ""  # Hugging Face id, used when pretrained_path is empty
-    distribute: bool = False  # accepted for reference configs; DDP follows torchrun's environment
+    distribute: bool = False  # publish: the adapter's lora_config.json names hf_model_id as its base_model
     keep_last_n: int = Field(3, ge=0)  # step_* checkpoints kept; 0 = keep all
     seed: int = 1234
     precision: Literal["fp32", "bf16", "auto"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -112,6 +113,11 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.pretrained_path is None and not self.hf_model_id:
             raise ValueError("pretrained_path: missing; set it to a model directory (or set hf_model_id)")
+        if self.distribute and not self.hf_model_id:
+            raise ValueError(
+                "distribute: true names hf_model_id as the adapter's base_model, but hf_model_id is empty; set "
+                "hf_model_id: openbmb/VoxCPM2 (the id the base is published under), or distribute: false"
+            )
         if self.max_steps is None:
             self.max_steps = self.num_iters
         return self
@@ -129,12 +135,19 @@ class TrainConfig(BaseModel):
 
 
 def check_sample_rate(cfg: TrainConfig, model_config: VoxCPMConfig) -> int:
-    """The rate to train at: the model's VAE rate; a different ``sample_rate`` in the YAML is an error."""
-    model_rate = model_config.sample_rate
+    """The rate to train at: the model's VAE encoder rate; a different ``sample_rate`` in the YAML is an error
+    (VoxCPM2 reads audio at 16 kHz and speaks at 48 kHz: 48000 there would encode garbage)."""
+    model_rate, out_rate = model_config.sample_rate, model_config.out_sample_rate
     if cfg.sample_rate is not None and cfg.sample_rate != model_rate:
+        rates = (
+            f"the model's VAE encoder rate is {model_rate} (training audio is read at it) and {out_rate} is its "
+            "output rate (out_sample_rate)"
+            if out_rate != model_rate
+            else f"the model's VAE rate is {model_rate}"
+        )
         raise VoxCPMError(
-            f"{cfg.source}: sample_rate: {cfg.sample_rate} does not match the model's VAE rate {model_rate} "
-            f"({cfg.pretrained_path}); set sample_rate: {model_rate} or remove the key (audio is resampled)"
+            f"{cfg.source}: sample_rate: {cfg.sample_rate} does not match the model ({cfg.pretrained_path or cfg.hf_model_id}): "
+            f"{rates}; set sample_rate: {model_rate} or remove the key (audio is resampled)"
         )
     return model_rate
 

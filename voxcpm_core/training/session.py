@@ -96,8 +96,6 @@ def build_session(cfg: TrainConfig, mode: str, reporter: Reporter, skip_bad: boo
     lora = lora_for_mode(cfg, mode)
     if mode == "lora" and cfg.lora is None:
         reporter.message("no lora: section in the config; using LoRA defaults (LM + DiT, q/k/v/o_proj, r 8, alpha 16)")
-    if cfg.distribute and not dist.enabled:
-        reporter.message("distribute: true, but this is a single process; launch with torchrun --nproc_per_node=N to use N devices")
     if cfg.pretrained_path is not None and not cfg.pretrained_path.is_dir():
         raise VoxCPMError(
             f"{cfg.source}: pretrained_path: {cfg.pretrained_path} is not a directory; point it at a model "

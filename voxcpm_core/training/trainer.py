@@ -243,7 +243,8 @@ class _Loop:
     def _write_weights(self, folder: Path) -> None:
         s = self.s
         if s.mode == "lora":
-            base = self.cfg.hf_model_id if self.cfg.pretrained_path is None else s.model_dir
+            # distribute: the adapter names the published base, so it loads wherever that id resolves
+            base = self.cfg.hf_model_id if self.cfg.distribute or self.cfg.pretrained_path is None else s.model_dir
             write_lora_files(folder, lora_state_dict(self.model), s.lora, base)
         else:
             write_model_files(folder, self.model, s.loaded.vae, s.loaded.config_dict, s.model_dir, dtype=torch.float32)
